@@ -1,0 +1,214 @@
+"""int8 weights: W8A16 (float activations) and W8A8 (int8 activations, dynamic per-token scales).
+
+Format ("int8"/"w8a8"), for W: [N, K]:
+  qweight: int8 [N, K], symmetric per output channel, codes in -127..127.
+  scale:   [N] float (the weight's dtype); W[n, k] ~= qweight[n, k] * scale[n].
+Activations for W8A8 (computed on the fly): xq int8 [M, K] and x_scale fp32 [M] with
+  x_scale = max|x[m]| / 127 and xq = round_half_even(x * (127 / max|x[m]|)) clamped to -127..127.
+  y = (xq @ qweight^T as int32) * x_scale[m] * scale[n] (+ bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ._utils import (
+    INTERPRET,
+    check,
+    check_2d,
+    check_activation,
+    check_bias,
+    check_launchable,
+    decode_configs,
+    launch_matmul,
+    prefill_configs,
+    tile_ids,
+)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
+PREFILL = [
+    (128, 128, 64, 3, 8),
+    (128, 256, 128, 3, 8),
+    (64, 128, 128, 4, 4),
+    (128, 64, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+DECODE = [
+    (16, 64, 128, 1, 4, 4),
+    (16, 64, 256, 2, 3, 4),
+    (16, 128, 128, 2, 4, 4),
+    (16, 32, 256, 4, 3, 4),
+    (16, 128, 256, 4, 3, 8),
+]
+INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+QUANT_BLOCK = 1024  # columns per step of the per-token quantization kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# pure-torch reference
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] -> (qweight int8 [N, K], scale [N] in w's dtype), symmetric per channel, RTN."""
+    check(w.dim() == 2 and w.is_floating_point(), f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
+    scale = (w.float().abs().amax(1) / 127).to(w.dtype)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float -> (xq int8 [M, K], x_scale fp32 [M]), as in the module docstring."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    c127 = torch.full_like(amax, 127.0)  # tensor / tensor: torch computes `127.0 / amax` as a reciprocal
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    xq = torch.round(xf * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    return xq, amax / c127
+
+
+def w8a16_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
+    y = (x.float() @ qweight.float().T) * scale.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def w8a8_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_per_token_ref(x2d)
+    acc = (xq.long() @ qweight.long().T).to(torch.int32)  # what the kernel accumulates
+    y = acc.float() * xs[:, None] * scale.float()
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+
+@triton.jit
+def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    # x: [M, K] float -> q: [M, K] int8, s: [M] fp32; one program per row
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        rk = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    amax_row = tl.max(amax, axis=0)
+    # div_rn: IEEE division like torch's tensor/tensor (CUDA's default fp32 "/" is approximate)
+    inv = tl.where(amax_row > 0, tl.div_rn(127.0, tl.maximum(amax_row, 1e-30)), 0.0)
+    scale = tl.div_rn(amax_row, 127.0)
+    for k0 in range(0, K, BLOCK):
+        rk = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+        p = x * inv
+        if INTERPRETED:  # round half to even, like torch.round (libdevice is unavailable)
+            f = tl.floor(p)
+            d = p - f
+            odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+            q = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+        else:
+            q = libdevice.rint(p)  # a lone multiply, so no FMA contraction can change ties
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(q_ptr + row * K + rk, q.to(tl.int8), mask=rk < K)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _int8_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,  # x: [M, K] float or int8, w: [N, K] int8, ws: [N], xs: [M] fp32
+    M, N, K, M_BUCKET,
+    ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ACT_INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)  # [BK, BN]
+        if ACT_INT8:
+            acc += tl.dot(x, w)  # int8 x int8 -> int32
+        elif UPCAST:  # the interpreter cannot cast int8 to bf16
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+    y = acc.to(tl.float32)
+    if ACT_INT8:
+        y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y += bias[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + rm[:, None] * N + rn[None, :]
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(out, y, mask=omask)
+
+
+_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K", "ACT_INT8"])(_int8_kernel)
+_decode = triton.autotune(
+    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K", "ACT_INT8"], reset_to_zero=["out_ptr"]
+)(_int8_kernel)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float, contiguous -> (xq int8 [M, K], x_scale fp32 [M]), Triton."""
+    check(x.dim() == 2, f"expected x: [M, K], got shape {tuple(x.shape)}; reshape to 2-D first")
+    x2d = check_activation(x, x.shape[-1])
+    check_launchable(x)
+    m, k = x2d.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    xs = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _quant_per_token_kernel[(m,)](x2d, xq, xs, k, BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(k)), INTERPRETED=INTERPRET)
+    return xq, xs
+
+
+def _check_int8(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+    check(qweight.dim() == 2, f"qweight must be int8 [N, K], got shape {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    check_2d(qweight, "qweight", (n, k), torch.int8)
+    check(scale.dtype in (torch.float16, torch.bfloat16, torch.float32), f"scale has dtype {scale.dtype}; expected a float dtype")
+    check(tuple(scale.shape) == (n,) and scale.is_contiguous(), f"scale must be a contiguous [N]=({n},) tensor, got {tuple(scale.shape)}")
+    return n, k
+
+
+def _int8_matmul(x, qweight, scale, bias, act_int8: bool) -> torch.Tensor:
+    n, k = _check_int8(qweight, scale)
+    x2d = check_activation(x, k)
+    check_bias(bias, n, x.dtype)
+    check_launchable(x, qweight, scale, *([bias] if bias is not None else []))
+    if act_int8:
+        xin, xs = quantize_per_token(x2d)
+    else:
+        xin, xs = x2d, scale  # xs unused
+    b = bias if bias is not None else scale
+    y = launch_matmul(
+        _decode, _prefill, xin, n, (qweight, scale, xs, b), out_dtype=x.dtype, ACT_INT8=act_int8, HAS_BIAS=bias is not None
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x: [..., K] float @ (qweight * scale)^T (+ bias) -> [..., N], Triton."""
+    return _int8_matmul(x, qweight, scale, bias, act_int8=False)
+
+
+def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """Quantize x per token to int8, int8 x int8 matmul with int32 accumulation, rescale -> [..., N], Triton."""
+    return _int8_matmul(x, qweight, scale, bias, act_int8=True)
+

@@ -1,0 +1,201 @@
+"""W4A16: int4 weights with group-wise scales (and optional zero points) x float activations.
+
+Format ("int4"), for W: [N, K], group size G (K % G == 0, G % 8 == 0; 32/64/128 are tuned):
+  qweight: int32 [N, K/8]. Unsigned code u(n, k) in 0..15 is the nibble at bits 4*(k % 8) of
+           qweight[n, k // 8] (8 codes per int32, little-end first). This is bit for bit the
+           compressed-tensors `pack-quantized` int4 `weight_packed` (which stores q + 8, q in -8..7).
+  scales:  [N, K/G], float16/bfloat16/float32 (the activation dtype).
+  zeros:   uint8 [N, K/G], codes 0..15 (asymmetric), or None (symmetric: zero code 8).
+  W[n, k] = (u(n, k) - z(n, k // G)) * s(n, k // G), computed in fp32 and rounded to the scale dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    check,
+    check_2d,
+    check_activation,
+    check_bias,
+    check_launchable,
+    decode_configs,
+    launch_matmul,
+    prefill_configs,
+    tile_ids,
+    to_int32_bits,
+)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
+PREFILL = [
+    (128, 128, 64, 3, 8),
+    (128, 256, 64, 3, 8),
+    (64, 128, 64, 4, 4),
+    (128, 64, 128, 3, 4),
+    (64, 64, 128, 4, 4),
+]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+DECODE = [
+    (16, 64, 128, 1, 4, 4),
+    (16, 64, 256, 2, 3, 4),
+    (16, 128, 128, 2, 4, 4),
+    (16, 32, 256, 4, 3, 4),
+    (16, 128, 256, 4, 3, 8),
+]
+INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+
+
+def check_group_size(k: int, group_size: int) -> None:
+    check(group_size > 0 and group_size % 8 == 0, f"group_size={group_size} must be a positive multiple of 8 (32, 64 or 128)")
+    if k % group_size:
+        fits = [g for g in (128, 64, 32) if k % g == 0]
+        hint = f"use group_size {fits[0]} or pad K" if fits else f"pad K to a multiple of {group_size}"
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}; {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# packing and pure-torch reference
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes: uint8 [N, K] in 0..15, K % 8 == 0 -> int32 [N, K/8]."""
+    n, k = codes.shape
+    check(k % 8 == 0, f"K={k} is not a multiple of 8; int4 packing puts 8 codes in an int32 (pad K)")
+    c = codes.long().reshape(n, k // 8, 8) << (4 * torch.arange(8, device=codes.device))
+    return to_int32_bits(c.sum(-1))
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] -> uint8 codes [N, K]."""
+    shifts = 4 * torch.arange(8, device=qweight.device)
+    return ((qweight.long()[..., None] >> shifts) & 15).reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 128, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest int4. w: [N, K] -> (qweight int32 [N, K/8], scales [N, K/G] in w's dtype, zeros).
+
+    Asymmetric: the range [min(w, 0), max(w, 0)] of each group maps onto codes 0..15.
+    Symmetric: scale = max|w| / 7, codes q + 8 with q in -8..7 (zeros is None).
+    """
+    check(w.dim() == 2 and w.is_floating_point(), f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    check_group_size(k, group_size)
+    g = w.float().reshape(n, k // group_size, group_size)
+    if symmetric:
+        scales = (g.abs().amax(-1) / 7).to(w.dtype)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scales = ((hi - lo) / 15).to(w.dtype)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # all-zero groups
+    s = scales.float()[..., None]
+    if symmetric:
+        zeros, z = None, 8.0
+    else:
+        zeros = torch.round(-lo / scales.float()).clamp(0, 15).to(torch.uint8)
+        z = zeros.float()[..., None]
+    codes = (torch.round(g / s) + z).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return pack_int4(codes), scales.contiguous(), zeros
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """-> W: [N, K] in scales' dtype (exactly what the kernel multiplies)."""
+    u = unpack_int4(qweight).float()  # [N, K]
+    z = 8.0 if zeros is None else zeros.float().repeat_interleave(group_size, dim=1)
+    return ((u - z) * scales.float().repeat_interleave(group_size, dim=1)).to(scales.dtype)
+
+
+def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    """Pure torch: dequantize, matmul in fp32; returns x's dtype."""
+    y = x.float() @ dequantize_int4(qweight, scales, zeros, group_size).float().T
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], out: [M, N]
+    M, N, K, M_BUCKET,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_groups = K // GROUP_SIZE
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        wmask = (rk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
+        word = tl.load(qw_ptr + rn[None, :] * (K // 8) + (rk // 8)[:, None], mask=wmask, other=0)
+        u = (word >> ((rk % 8) * 4)[:, None]) & 15
+        gidx = rn[None, :] * n_groups + (rk // GROUP_SIZE)[:, None]
+        s = tl.load(s_ptr + gidx, mask=wmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + gidx, mask=wmask, other=0).to(tl.int32)
+        else:
+            z = 8
+        w = ((u - z).to(tl.float32) * s).to(x_ptr.dtype.element_ty)  # [BK, BN]
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+    out = out_ptr + rm[:, None] * N + rn[None, :]
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask)
+
+
+_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(_w4a16_kernel)
+_decode = triton.autotune(decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"])(
+    _w4a16_kernel
+)
+
+
+def check_int4(qweight, scales, zeros, group_size, k_packed_per_row: int = 8) -> tuple[int, int]:
+    """Check an int4 weight and return (N, K). k_packed_per_row: original columns per int32 word."""
+    check(qweight.dim() == 2 and qweight.dtype == torch.int32, f"qweight must be int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * k_packed_per_row
+    check_group_size(k, group_size)
+    check(qweight.is_contiguous(), "qweight is not contiguous; pass qweight.contiguous()")
+    check_2d(scales, "scales", (n, k // group_size), (torch.float16, torch.bfloat16, torch.float32))
+    if zeros is not None:
+        check_2d(zeros, "zeros", (n, k // group_size), torch.uint8)
+    return n, k
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: [..., K] @ W^T (+ bias) with W int4 (see module docstring) -> [..., N], Triton."""
+    n, k = check_int4(qweight, scales, zeros, group_size)
+    x2d = check_activation(x, k)
+    check(scales.dtype == x.dtype, f"scales dtype {scales.dtype} differs from x dtype {x.dtype}; use scales.to({x.dtype})")
+    check_bias(bias, n, x.dtype)
+    check_launchable(x, qweight, scales, *[t for t in (zeros, bias) if t is not None])
+    args = (qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
+    y = launch_matmul(
+        _decode, _prefill, x2d, n, args, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None
+    )
+    return y.reshape(*x.shape[:-1], n)
