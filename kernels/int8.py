@@ -119,7 +119,7 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, INTERPR
     tl.store(s_ptr + row, scale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _int8_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,  # x: [M, K] float or int8, w: [N, K] int8, ws: [N], xs: [M] fp32
     M, N, K, M_BUCKET,

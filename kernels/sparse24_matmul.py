@@ -24,9 +24,9 @@ from ._utils import (
 from .sparse24_pack import check_packed_24, decompress_24_ref
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-PREFILL = [
+PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
     (128, 128, 64, 3, 8),
-    (128, 256, 64, 3, 8),
+    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 64, 128, 3, 4),
@@ -43,7 +43,7 @@ INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
 INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _sparse24_matmul_kernel(
     x_ptr, val_ptr, meta_ptr, bias_ptr, out_ptr,  # x: [M, K], values: [N, K/2], meta: [N, ceil(K/32)], out: [M, N]
     M, N, K, M_BUCKET,

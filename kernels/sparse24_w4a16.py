@@ -32,12 +32,12 @@ from .sparse24_pack import compress_24, compress_24_ref, decompress_24_ref, meta
 from .w4a16 import check_group_size, check_int4, dequantize_int4, quantize_int4
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns
-PREFILL = [
+PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
     (128, 128, 64, 3, 8),
-    (128, 256, 64, 3, 8),
+    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 64, 128, 3, 4),
-    (64, 64, 128, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 128, 3, 4),
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
 DECODE = [
@@ -75,7 +75,7 @@ def sparse24_w4a16_matmul_ref(x, qvalues, meta, scales, zeros, group_size, bias=
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _sparse24_w4a16_kernel(
     x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x: [M, K], qvalues: [N, K/16], meta: [N, ceil(K/32)], scales/zeros: [N, K/G]
     M, N, K, M_BUCKET,

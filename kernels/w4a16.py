@@ -29,12 +29,12 @@ from ._utils import (
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-PREFILL = [
+PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
     (128, 128, 64, 3, 8),
-    (128, 256, 64, 3, 8),
+    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 64, 128, 3, 4),
-    (64, 64, 128, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 128, 3, 4),
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
 DECODE = [
@@ -121,7 +121,7 @@ def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 # Triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], out: [M, N]
     M, N, K, M_BUCKET,

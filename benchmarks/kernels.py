@@ -1,0 +1,283 @@
+"""Benchmark our Triton kernels against torch (cuBLAS fp16, cuSPARSELt 2:4, int8 _int_mm).
+
+    python benchmarks/kernels.py [--out benchmarks/results] [--ms 1 4 16 64 2048] [--budget-s 270]
+
+Llama-3-8B linear shapes (N x K: out x in) for each M; fp16 activations. For every kernel it reports
+the median time over repeated runs (CUDA events, L2 flushed before each run, after warm-up and
+autotuning), TFLOP/s (dense-equivalent 2*M*N*K), GB/s (weights as stored + activations + output)
+and the fraction of the card's memory-bandwidth roofline. Writes
+benchmarks/results/kernels-<gpu>.json and .md. Without CUDA it exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv/o-like, up/gate, down
+MS = [1, 4, 16, 64, 2048]
+GROUP_SIZE = 128
+PEAK_BW_TBS = {"H200": 4.8, "H100 SXM": 3.35}  # HBM bandwidth of known cards, TB/s
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers that need no GPU
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def known_peak_bandwidth(name: str) -> float | None:
+    """Datasheet HBM bandwidth in bytes/s from the device name, or None when unknown."""
+    if "H200" in name:
+        return PEAK_BW_TBS["H200"] * 1e12
+    if "H100" in name and ("SXM" in name or "HBM3" in name):  # the SXM part reports "H100 80GB HBM3"
+        return PEAK_BW_TBS["H100 SXM"] * 1e12
+    return None
+
+
+def weight_bytes(fmt: str, n: int, k: int, group_size: int = GROUP_SIZE) -> int:
+    """Bytes a kernel must read for the weight of an [N, K] layer in format fmt."""
+    groups = n * (k // group_size)
+    meta = n * -(-k // 32) * 4
+    return {
+        "fp16": 2 * n * k,
+        "sparse24": n * k + meta,  # fp16 values [N, K/2] + int32 metadata
+        "int4": n * k // 2 + 2 * groups + groups,  # nibbles + fp16 scales + uint8 zeros
+        "int8": n * k + 2 * n,
+        "sparse24_int4": n * k // 4 + meta + 3 * groups,
+    }[fmt]
+
+
+def metrics(m: int, n: int, k: int, fmt: str, seconds: float, peak_bw: float, act_bytes: int = 2) -> dict:
+    moved = weight_bytes(fmt, n, k) + act_bytes * m * k + 2 * m * n
+    return {
+        "time_us": seconds * 1e6,
+        "tflops": 2 * m * n * k / seconds / 1e12,
+        "gbs": moved / seconds / 1e9,
+        "roofline": moved / seconds / peak_bw,
+    }
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"# Kernel benchmark on {report['gpu']}",
+        "",
+        f"commit `{report['commit']}`, torch {s['torch']}, triton {s['triton']}, {s['dtype']} activations, "
+        f"int4 group size {s['group_size']}, peak bandwidth {s['peak_bw_tbs']:.2f} TB/s ({s['peak_bw_source']}), "
+        f"median of {s['reps']} runs with L2 flushed.",
+        "",
+        "| N x K | M | kernel | time (us) | TFLOP/s | GB/s | % BW roofline | vs cuBLAS | max rel err |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        head = f"| {r['n']}x{r['k']} | {r['m']} | {r['kernel']} |"
+        if "time_us" not in r:
+            lines.append(f"{head} {r.get('error', 'n/a')} | | | | | |")
+            continue
+        err = "" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
+        lines.append(
+            f"{head} {r['time_us']:.1f} | {r['tflops']:.1f} | {r['gbs']:.0f} | {100 * r['roofline']:.0f}% | "
+            f"{r.get('speedup', float('nan')):.2f}x | {err} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        return sha.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def import_kernels():
+    """llmcompress.kernels, also from a checkout that was not pip-installed."""
+    try:
+        import llmcompress.kernels  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(ROOT))
+        spec = importlib.util.spec_from_file_location(
+            "llmcompress.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        sys.modules["llmcompress.kernels"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    from llmcompress.kernels import int8, sparse24_matmul, sparse24_pack, sparse24_w4a16, w4a16
+
+    return int8, sparse24_matmul, sparse24_pack, sparse24_w4a16, w4a16
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU side
+
+
+class Timer:
+    def __init__(self, reps: int, warmup: int):
+        self.reps, self.warmup = reps, warmup
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
+
+    def __call__(self, fn) -> float:
+        """Median seconds of fn() over reps runs, each after an L2 flush."""
+        for _ in range(self.warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        for start, end in zip(starts, ends):
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def measured_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = Timer(reps=10, warmup=3)(lambda: dst.copy_(src))
+    return 2 * src.numel() / seconds
+
+
+def candidates(n: int, k: int, mods) -> tuple[list, dict]:
+    """[(kernel name, weight format, make(x) -> callable or the setup error, activation bytes)] and
+    {kernel name: reference(x)} for one weight shape."""
+    int8, sp_mm, sp_pack, sp_w4, w4 = mods
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
+    w24 = sp_pack.prune_24(w)
+    values, meta = sp_pack.compress_24(w24)
+    q4 = w4.quantize_int4(w, GROUP_SIZE, symmetric=False)
+    q8, s8 = int8.quantize_int8(w)
+    q24_4 = sp_w4.quantize_sparse24_int4(w24, GROUP_SIZE, symmetric=False)
+    out = [("torch fp16 (cuBLAS)", "fp16", lambda x: lambda: torch.nn.functional.linear(x, w), 2)]
+    try:
+        w_semi = torch.sparse.to_sparse_semi_structured(w24)
+        out.append(("torch 2:4 to_sparse_semi_structured", "sparse24", lambda x: lambda: torch.nn.functional.linear(x, w_semi), 2))
+    except Exception as e:  # noqa: BLE001  (unsupported build or card: reported, not fatal)
+        out.append(("torch 2:4 to_sparse_semi_structured", "sparse24", e, 2))
+    try:
+        w_cslt = torch._cslt_compress(w24)
+        out.append(("torch._cslt_sparse_mm (cuSPARSELt)", "sparse24", lambda x: lambda: torch._cslt_sparse_mm(w_cslt, x.t()), 2))
+    except Exception as e:  # noqa: BLE001
+        out.append(("torch._cslt_sparse_mm (cuSPARSELt)", "sparse24", e, 2))
+
+    def int_mm(x):
+        xq, _ = int8.quantize_per_token(x)
+        return lambda: torch._int_mm(xq, q8.t())
+
+    out += [
+        ("torch._int_mm int8 (x pre-quantized)", "int8", int_mm, 1),
+        ("ours 2:4", "sparse24", lambda x: lambda: sp_mm.sparse24_matmul(x, values, meta), 2),
+        (f"ours W4A16 g{GROUP_SIZE} asym", "int4", lambda x: lambda: w4.w4a16_matmul(x, *q4, GROUP_SIZE), 2),
+        ("ours W8A16", "int8", lambda x: lambda: int8.w8a16_matmul(x, q8, s8), 2),
+        ("ours W8A8 (incl. x quant)", "int8", lambda x: lambda: int8.w8a8_matmul(x, q8, s8), 2),
+        (f"ours 2:4+W4A16 g{GROUP_SIZE}", "sparse24_int4", lambda x: lambda: sp_w4.sparse24_w4a16_matmul(x, *q24_4, GROUP_SIZE), 2),
+    ]
+    refs = {  # what each kernel should compute, for a correctness check in fp32
+        "ours 2:4": lambda x: sp_mm.sparse24_matmul_ref(x, values, meta),
+        f"ours W4A16 g{GROUP_SIZE} asym": lambda x: w4.w4a16_matmul_ref(x, *q4, GROUP_SIZE),
+        "ours W8A16": lambda x: int8.w8a16_matmul_ref(x, q8, s8),
+        "ours W8A8 (incl. x quant)": lambda x: int8.w8a8_matmul_ref(x, q8, s8),
+        f"ours 2:4+W4A16 g{GROUP_SIZE}": lambda x: sp_w4.sparse24_w4a16_matmul_ref(x, *q24_4, GROUP_SIZE),
+    }
+    return out, refs
+
+
+def run(args) -> dict:
+    import triton
+
+    mods = import_kernels()
+    name = torch.cuda.get_device_name()
+    peak = known_peak_bandwidth(name)
+    source = "datasheet"
+    if peak is None:
+        peak, source = measured_bandwidth(), "measured 1 GiB device copy"
+    timer = Timer(reps=args.reps, warmup=args.warmup)
+    t_start = time.perf_counter()
+    results = []
+    for n, k in SHAPES:
+        kernels, refs = candidates(n, k, mods)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            base = None
+            for kname, fmt, make, act_bytes in kernels:
+                row = {"n": n, "k": k, "m": m, "kernel": kname, "format": fmt}
+                results.append(row)
+                if time.perf_counter() - t_start > args.budget_s:
+                    row["error"] = "skipped (time budget)"
+                    continue
+                if isinstance(make, Exception):
+                    row["error"] = f"unavailable: {type(make).__name__}"
+                    continue
+                try:
+                    fn = make(x)
+                    y = fn()  # compiles and autotunes
+                    if kname in refs:
+                        ref = refs[kname](x).float()
+                        row["max_rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                    seconds = timer(fn)
+                except Exception as e:  # noqa: BLE001  (e.g. a shape the torch op rejects)
+                    row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                    continue
+                row.update(metrics(m, n, k, fmt, seconds, peak, act_bytes))
+                base = row["time_us"] if kname.startswith("torch fp16") else base
+                row["speedup"] = base / row["time_us"] if base else float("nan")
+            del x
+    return {
+        "gpu": name,
+        "commit": git_commit(),
+        "settings": {
+            "dtype": "float16",
+            "shapes_nk": SHAPES,
+            "ms": args.ms,
+            "group_size": GROUP_SIZE,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "peak_bw_tbs": peak / 1e12,
+            "peak_bw_source": source,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        },
+        "results": results,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--ms", type=int, nargs="+", default=MS)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new measurements after this")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU and none is available; nothing was measured.", file=sys.stderr)
+        return 2
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"kernels-{gpu_slug(report['gpu'])}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md ({report['settings']['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
