@@ -166,12 +166,26 @@ def candidates(n: int, k: int, mods) -> tuple[list, dict]:
     out = [("torch fp16 (cuBLAS)", "fp16", lambda x: lambda: torch.nn.functional.linear(x, w), 2)]
     try:
         w_semi = torch.sparse.to_sparse_semi_structured(w24)
-        out.append(("torch 2:4 to_sparse_semi_structured", "sparse24", lambda x: lambda: torch.nn.functional.linear(x, w_semi), 2))
+        out.append(
+            (
+                "torch 2:4 to_sparse_semi_structured",
+                "sparse24",
+                lambda x: lambda: torch.nn.functional.linear(x, w_semi),
+                2,
+            )
+        )
     except Exception as e:  # noqa: BLE001  (unsupported build or card: reported, not fatal)
         out.append(("torch 2:4 to_sparse_semi_structured", "sparse24", e, 2))
     try:
         w_cslt = torch._cslt_compress(w24)
-        out.append(("torch._cslt_sparse_mm (cuSPARSELt)", "sparse24", lambda x: lambda: torch._cslt_sparse_mm(w_cslt, x.t()), 2))
+        out.append(
+            (
+                "torch._cslt_sparse_mm (cuSPARSELt)",
+                "sparse24",
+                lambda x: lambda: torch._cslt_sparse_mm(w_cslt, x.t()),
+                2,
+            )
+        )
     except Exception as e:  # noqa: BLE001
         out.append(("torch._cslt_sparse_mm (cuSPARSELt)", "sparse24", e, 2))
 
@@ -185,7 +199,12 @@ def candidates(n: int, k: int, mods) -> tuple[list, dict]:
         (f"ours W4A16 g{GROUP_SIZE} asym", "int4", lambda x: lambda: w4.w4a16_matmul(x, *q4, GROUP_SIZE), 2),
         ("ours W8A16", "int8", lambda x: lambda: int8.w8a16_matmul(x, q8, s8), 2),
         ("ours W8A8 (incl. x quant)", "int8", lambda x: lambda: int8.w8a8_matmul(x, q8, s8), 2),
-        (f"ours 2:4+W4A16 g{GROUP_SIZE}", "sparse24_int4", lambda x: lambda: sp_w4.sparse24_w4a16_matmul(x, *q24_4, GROUP_SIZE), 2),
+        (
+            f"ours 2:4+W4A16 g{GROUP_SIZE}",
+            "sparse24_int4",
+            lambda x: lambda: sp_w4.sparse24_w4a16_matmul(x, *q24_4, GROUP_SIZE),
+            2,
+        ),
     ]
     refs = {  # what each kernel should compute, for a correctness check in fp32
         "ours 2:4": lambda x: sp_mm.sparse24_matmul_ref(x, values, meta),

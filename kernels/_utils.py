@@ -59,7 +59,10 @@ def check_launchable(*tensors: torch.Tensor) -> None:
 def check_activation(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
     """x: [..., K] float, contiguous -> a 2-D view [M, K]."""
     check(x.dtype in FLOAT_DTYPES, f"{name} has dtype {x.dtype}; use float16, bfloat16 or float32 (x.half())")
-    check(x.dim() >= 1 and x.shape[-1] == k, f"{name} has shape {tuple(x.shape)} but the weight expects K={k} in the last dim")
+    check(
+        x.dim() >= 1 and x.shape[-1] == k,
+        f"{name} has shape {tuple(x.shape)} but the weight expects K={k} in the last dim",
+    )
     check(x.is_contiguous(), f"{name} is not contiguous; pass {name}.contiguous()")
     return x.reshape(-1, k)
 
@@ -68,7 +71,9 @@ def check_bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> None:
     if bias is None:
         return
     check(bias.shape == (n,), f"bias has shape {tuple(bias.shape)}; expected ({n},)")
-    check(bias.dtype == dtype, f"bias dtype {bias.dtype} differs from the activation dtype {dtype}; use bias.to({dtype})")
+    check(
+        bias.dtype == dtype, f"bias dtype {bias.dtype} differs from the activation dtype {dtype}; use bias.to({dtype})"
+    )
     check(bias.is_contiguous(), "bias is not contiguous; pass bias.contiguous()")
 
 

@@ -121,7 +121,8 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, INTERPR
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _int8_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,  # x: [M, K] float or int8, w: [N, K] int8, ws: [N], xs: [M] fp32
+    # x: [M, K] float or int8, w: [N, K] int8, ws: [N], xs: [M] fp32, bias: [N], out: [M, N]
+    x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -137,7 +138,9 @@ def _int8_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
-        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)  # [BK, BN]
+        w = tl.load(
+            w_ptr + rn[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0
+        )  # [BK, BN]
         if ACT_INT8:
             acc += tl.dot(x, w)  # int8 x int8 -> int32
         elif UPCAST:  # the interpreter cannot cast int8 to bf16
@@ -159,7 +162,9 @@ def _int8_kernel(
         tl.atomic_add(out, y, mask=omask)
 
 
-_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K", "ACT_INT8"])(_int8_kernel)
+_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K", "ACT_INT8"])(
+    _int8_kernel
+)
 _decode = triton.autotune(
     decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K", "ACT_INT8"], reset_to_zero=["out_ptr"]
 )(_int8_kernel)
@@ -174,7 +179,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
     xs = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        _quant_per_token_kernel[(m,)](x2d, xq, xs, k, BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(k)), INTERPRETED=INTERPRET)
+        _quant_per_token_kernel[(m,)](
+            x2d, xq, xs, k, BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(k)), INTERPRETED=INTERPRET
+        )
     return xq, xs
 
 
@@ -182,8 +189,14 @@ def _check_int8(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
     check(qweight.dim() == 2, f"qweight must be int8 [N, K], got shape {tuple(qweight.shape)}")
     n, k = qweight.shape
     check_2d(qweight, "qweight", (n, k), torch.int8)
-    check(scale.dtype in (torch.float16, torch.bfloat16, torch.float32), f"scale has dtype {scale.dtype}; expected a float dtype")
-    check(tuple(scale.shape) == (n,) and scale.is_contiguous(), f"scale must be a contiguous [N]=({n},) tensor, got {tuple(scale.shape)}")
+    check(
+        scale.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        f"scale has dtype {scale.dtype}; expected a float dtype",
+    )
+    check(
+        tuple(scale.shape) == (n,) and scale.is_contiguous(),
+        f"scale must be a contiguous [N]=({n},) tensor, got {tuple(scale.shape)}",
+    )
     return n, k
 
 
@@ -198,7 +211,14 @@ def _int8_matmul(x, qweight, scale, bias, act_int8: bool) -> torch.Tensor:
         xin, xs = x2d, scale  # xs unused
     b = bias if bias is not None else scale
     y = launch_matmul(
-        _decode, _prefill, xin, n, (qweight, scale, xs, b), out_dtype=x.dtype, ACT_INT8=act_int8, HAS_BIAS=bias is not None
+        _decode,
+        _prefill,
+        xin,
+        n,
+        (qweight, scale, xs, b),
+        out_dtype=x.dtype,
+        ACT_INT8=act_int8,
+        HAS_BIAS=bias is not None,
     )
     return y.reshape(*x.shape[:-1], n)
 
@@ -211,4 +231,3 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
     """Quantize x per token to int8, int8 x int8 matmul with int32 accumulation, rescale -> [..., N], Triton."""
     return _int8_matmul(x, qweight, scale, bias, act_int8=True)
-

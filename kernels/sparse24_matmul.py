@@ -45,7 +45,8 @@ INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _sparse24_matmul_kernel(
-    x_ptr, val_ptr, meta_ptr, bias_ptr, out_ptr,  # x: [M, K], values: [N, K/2], meta: [N, ceil(K/32)], out: [M, N]
+    # x: [M, K], values: [N, K/2], meta: [N, ceil(K/32)], bias: [N], out: [M, N]
+    x_ptr, val_ptr, meta_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -86,9 +87,9 @@ def _sparse24_matmul_kernel(
 _prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(
     _sparse24_matmul_kernel
 )
-_decode = triton.autotune(decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"])(
-    _sparse24_matmul_kernel
-)
+_decode = triton.autotune(
+    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
+)(_sparse24_matmul_kernel)
 
 
 def sparse24_matmul(
@@ -97,7 +98,9 @@ def sparse24_matmul(
     """x: [..., K] @ W^T (+ bias) with W compressed by compress_24 -> [..., N], Triton."""
     n, k = check_packed_24(values, meta)
     x2d = check_activation(x, k)
-    check(values.dtype == x.dtype, f"values dtype {values.dtype} differs from x dtype {x.dtype}; use values.to({x.dtype})")
+    check(
+        values.dtype == x.dtype, f"values dtype {values.dtype} differs from x dtype {x.dtype}; use values.to({x.dtype})"
+    )
     check_bias(bias, n, x.dtype)
     check_launchable(x, values, meta, *([bias] if bias is not None else []))
     b = bias if bias is not None else values  # dummy pointer when HAS_BIAS is False

@@ -180,7 +180,10 @@ def check_packed_24(values: torch.Tensor, meta: torch.Tensor) -> tuple[int, int]
     n, k = values.shape[0], values.shape[1] * 2
     check(k % 4 == 0, f"values has {k // 2} columns, so K={k} is not a multiple of 4; was it made by compress_24?")
     check(meta.dtype == torch.int32, f"meta has dtype {meta.dtype}; expected torch.int32 (from compress_24)")
-    check(tuple(meta.shape) == (n, meta_cols(k)), f"meta has shape {tuple(meta.shape)}; expected {(n, meta_cols(k))} for K={k}")
+    check(
+        tuple(meta.shape) == (n, meta_cols(k)),
+        f"meta has shape {tuple(meta.shape)}; expected {(n, meta_cols(k))} for K={k}",
+    )
     return n, k
 
 

@@ -77,7 +77,8 @@ def sparse24_w4a16_matmul_ref(x, qvalues, meta, scales, zeros, group_size, bias=
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _sparse24_w4a16_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x: [M, K], qvalues: [N, K/16], meta: [N, ceil(K/32)], scales/zeros: [N, K/G]
+    # x: [M, K], qvalues: [N, K/16], meta: [N, ceil(K/32)], scales/zeros: [N, K/G], out: [M, N]
+    x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -126,9 +127,9 @@ def _sparse24_w4a16_kernel(
 _prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(
     _sparse24_w4a16_kernel
 )
-_decode = triton.autotune(decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"])(
-    _sparse24_w4a16_kernel
-)
+_decode = triton.autotune(
+    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
+)(_sparse24_w4a16_kernel)
 
 
 def sparse24_w4a16_matmul(
@@ -144,10 +145,15 @@ def sparse24_w4a16_matmul(
     check(qvalues.dim() == 2, f"qvalues must be int32 [N, K/16], got shape {tuple(qvalues.shape)}")
     _check_group(qvalues.shape[1] * 16, group_size)
     n, k = check_int4(qvalues, scales, zeros, group_size, k_packed_per_row=16)
-    check(meta.dtype == torch.int32 and tuple(meta.shape) == (n, meta_cols(k)), f"meta must be int32 {(n, meta_cols(k))}, got {meta.dtype} {tuple(meta.shape)}")
+    check(
+        meta.dtype == torch.int32 and tuple(meta.shape) == (n, meta_cols(k)),
+        f"meta must be int32 {(n, meta_cols(k))}, got {meta.dtype} {tuple(meta.shape)}",
+    )
     check(meta.is_contiguous(), "meta is not contiguous; pass meta.contiguous()")
     x2d = check_activation(x, k)
-    check(scales.dtype == x.dtype, f"scales dtype {scales.dtype} differs from x dtype {x.dtype}; use scales.to({x.dtype})")
+    check(
+        scales.dtype == x.dtype, f"scales dtype {scales.dtype} differs from x dtype {x.dtype}; use scales.to({x.dtype})"
+    )
     check_bias(bias, n, x.dtype)
     check_launchable(x, qvalues, meta, scales, *[t for t in (zeros, bias) if t is not None])
     args = (qvalues, meta, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)

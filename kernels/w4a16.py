@@ -49,7 +49,10 @@ INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
 
 
 def check_group_size(k: int, group_size: int) -> None:
-    check(group_size > 0 and group_size % 8 == 0, f"group_size={group_size} must be a positive multiple of 8 (32, 64 or 128)")
+    check(
+        group_size > 0 and group_size % 8 == 0,
+        f"group_size={group_size} must be a positive multiple of 8 (32, 64 or 128)",
+    )
     if k % group_size:
         fits = [g for g in (128, 64, 32) if k % g == 0]
         hint = f"use group_size {fits[0]} or pad K" if fits else f"pad K to a multiple of {group_size}"
@@ -123,7 +126,8 @@ def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], out: [M, N]
+    # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], bias: [N], out: [M, N]
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -163,14 +167,17 @@ def _w4a16_kernel(
 
 
 _prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(_w4a16_kernel)
-_decode = triton.autotune(decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"])(
-    _w4a16_kernel
-)
+_decode = triton.autotune(
+    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
+)(_w4a16_kernel)
 
 
 def check_int4(qweight, scales, zeros, group_size, k_packed_per_row: int = 8) -> tuple[int, int]:
     """Check an int4 weight and return (N, K). k_packed_per_row: original columns per int32 word."""
-    check(qweight.dim() == 2 and qweight.dtype == torch.int32, f"qweight must be int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    check(
+        qweight.dim() == 2 and qweight.dtype == torch.int32,
+        f"qweight must be int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}",
+    )
     n, k = qweight.shape[0], qweight.shape[1] * k_packed_per_row
     check_group_size(k, group_size)
     check(qweight.is_contiguous(), "qweight is not contiguous; pass qweight.contiguous()")
@@ -191,7 +198,9 @@ def w4a16_matmul(
     """x: [..., K] @ W^T (+ bias) with W int4 (see module docstring) -> [..., N], Triton."""
     n, k = check_int4(qweight, scales, zeros, group_size)
     x2d = check_activation(x, k)
-    check(scales.dtype == x.dtype, f"scales dtype {scales.dtype} differs from x dtype {x.dtype}; use scales.to({x.dtype})")
+    check(
+        scales.dtype == x.dtype, f"scales dtype {scales.dtype} differs from x dtype {x.dtype}; use scales.to({x.dtype})"
+    )
     check_bias(bias, n, x.dtype)
     check_launchable(x, qweight, scales, *[t for t in (zeros, bias) if t is not None])
     args = (qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)

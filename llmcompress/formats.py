@@ -37,7 +37,9 @@ class Sparse24Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device))
-        self.register_buffer("meta", torch.zeros(out_features, meta_cols(in_features), dtype=torch.int32, device=device))
+        self.register_buffer(
+            "meta", torch.zeros(out_features, meta_cols(in_features), dtype=torch.int32, device=device)
+        )
         _bias_buffer(self, torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -138,7 +140,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}, symmetric={self.symmetric}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{group}, bias={self.bias is not None}"
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, fmt={self.fmt}{group}, bias={self.bias is not None}"
 
 
 def make_linear(linear: nn.Linear, fmt: str, **kw) -> nn.Module:
@@ -160,4 +163,6 @@ def weight_format(module: nn.Module) -> str:
         return "sparse24"
     if isinstance(module, nn.Linear):
         return "dense"
-    raise ValueError(f"{type(module).__name__} is not a linear layer; expected nn.Linear, Sparse24Linear or QuantLinear")
+    raise ValueError(
+        f"{type(module).__name__} is not a linear layer; expected nn.Linear, Sparse24Linear or QuantLinear"
+    )

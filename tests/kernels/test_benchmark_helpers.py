@@ -40,7 +40,9 @@ def test_markdown_rows():
     row = {"n": 4096, "k": 4096, "m": 1, "kernel": "ours 2:4", "format": "sparse24", "max_rel_err": 1e-4}
     row.update(bench.metrics(1, 4096, 4096, "sparse24", 10e-6, 3.35e12), speedup=1.5)
     skipped = {"n": 4096, "k": 4096, "m": 1, "kernel": "torch._int_mm", "error": "failed: RuntimeError"}
-    settings = dict(torch="x", triton="y", dtype="float16", group_size=128, peak_bw_tbs=3.35, peak_bw_source="datasheet", reps=30)
+    settings = dict(
+        torch="x", triton="y", dtype="float16", group_size=128, peak_bw_tbs=3.35, peak_bw_source="datasheet", reps=30
+    )
     md = bench.markdown({"gpu": "NVIDIA H100", "commit": "abc", "settings": settings, "results": [row, skipped]})
     assert "| 4096x4096 | 1 | ours 2:4 | 10.0 |" in md and "1.50x" in md
     assert "| torch._int_mm | failed: RuntimeError |" in md

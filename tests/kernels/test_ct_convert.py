@@ -18,7 +18,7 @@ from llmcompress.kernels.ct_convert import (
     sparse24_to_ct,
 )
 from llmcompress.kernels.int8 import quantize_int8
-from llmcompress.kernels.sparse24_pack import compress_24_ref, decompress_24_ref, prune_24
+from llmcompress.kernels.sparse24_pack import compress_24_ref, prune_24
 from llmcompress.kernels.sparse24_w4a16 import dequantize_sparse24_int4, quantize_sparse24_int4
 from llmcompress.kernels.w4a16 import dequantize_int4, quantize_int4
 
@@ -51,7 +51,10 @@ def test_int4_pack_quantized(group_size, symmetric, dtype):
     assert (back[2] is None) if symmetric else torch.equal(back[2], zeros)
     scheme = ct_scheme("int4", group_size, symmetric)
     # the library decompresses our tensors to exactly our dequantized weight ...
-    _exact(PackedQuantizationCompressor.decompress(sd, scheme)["weight"], dequantize_int4(qweight, scales, zeros, group_size))
+    _exact(
+        PackedQuantizationCompressor.decompress(sd, scheme)["weight"],
+        dequantize_int4(qweight, scales, zeros, group_size),
+    )
     # ... and compressing that weight with our scales/zero points gives back our tensors
     dense = {"weight": dequantize_int4(qweight, scales, zeros, group_size), "weight_scale": scales}
     if zeros is not None:
@@ -110,7 +113,7 @@ def test_sparse24_int4(dtype, symmetric):
     sd = sparse24_int4_to_ct(*packed, 32)
     dense = dequantize_sparse24_int4(*packed, 32)
     _exact(PackedQuantizationCompressor.decompress(sd, ct_scheme("sparse24_int4", 32, symmetric))["weight"], dense)
-    for got, want in zip(sparse24_int4_from_ct(sd, 32), packed):  # with the bitmask: exact
+    for got, want in zip(sparse24_int4_from_ct(sd, 32), packed, strict=True):  # with the bitmask: exact
         assert (got is None and want is None) or torch.equal(got, want)
     # without it (a plain pack-quantized checkpoint) the dense weight is still exact
     plain = {key: val for key, val in sd.items() if key != "bitmask"}

@@ -73,7 +73,11 @@ def test_buffers_and_names():
     assert set(make_linear(lin, "int4", group_size=32, symmetric=True).state_dict()) == {"qweight", "scales", "bias"}
     assert set(make_linear(lin, "w8a8").state_dict()) == {"qweight", "scale", "bias"}
     assert set(make_linear(lin, "sparse24_int4", group_size=32, prune=True).state_dict()) == {
-        "qweight", "meta", "scales", "zeros", "bias"
+        "qweight",
+        "meta",
+        "scales",
+        "zeros",
+        "bias",
     }
     assert make_linear(lin, "dense") is lin and weight_format(lin) == "dense"
     assert set(WEIGHT_FORMATS) == {"dense", "sparse24", "int8", "w8a8", "int4", "sparse24_int4"}
