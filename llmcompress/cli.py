@@ -1,0 +1,230 @@
+"""The `llmcompress` command line: parses, calls the Python API, renders with rich."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress LLMs into smaller, faster, deployable ones, with numbers that prove it.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+@contextmanager
+def user_errors():
+    """Turn the library's user-facing errors into one line on stderr and exit code 2."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except (ValueError, FileExistsError, FileNotFoundError, UserError) as err:
+        if isinstance(err, ValidationError):
+            from llmcompress.pipeline.recipe import explain
+
+            msg = explain(err)
+        else:
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished stages are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress bar fed by the library's progress(label, done, total) callbacks."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def _setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity_error()
+        except ImportError:
+            pass
+
+
+def _check_new_file(path: Optional[Path], overwrite: bool) -> None:
+    if path is not None and path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite or choose another path")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.rename(path)
+
+
+# ----------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
+            verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Print the model graph: per-layer blocks, parameter counts and weight formats."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.models import count_params, layer_table, load
+        from llmcompress.models.graph import is_homogeneous_parent_layout
+
+        graph = load(model)
+        c = graph.config
+        table = Table(title=f"{model}: {count_params(graph):,} parameters", title_justify="left")
+        for col in ("layer", "attention", "ffn", "params", "formats"):
+            table.add_column(col, justify="right" if col in ("layer", "params") else "left")
+        for row in layer_table(graph):
+            table.add_row(str(row["layer"]), row["attention"], row["ffn"], f"{row['params']:,}", row["formats"])
+        out_console.print(table)
+        layout = "homogeneous (saves as the original architecture)" if is_homogeneous_parent_layout(graph) \
+            else "heterogeneous (saves as Nemotron-NAS with trust_remote_code)"
+        out_console.print(f"hidden {c.hidden_size}, vocab {c.vocab_size}, head_dim {c.head_dim}, "
+                          f"tied embeddings: {c.tie_word_embeddings}; layout: {layout}")
+
+
+# ----------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
+    data: Annotated[str, typer.Option(help="held-out text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are held out")] = 200,
+    field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
+    seq_len: Annotated[int, typer.Option(help="perplexity window length")] = 512,
+    max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(help="lm-eval task name or local MC .jsonl (repeatable)")] = None,
+    task_limit: Annotated[Optional[int], typer.Option(help="rows per task")] = None,
+    perplexity: Annotated[bool, typer.Option(help="measure held-out perplexity")] = True,
+    speed: Annotated[bool, typer.Option(help="measure prefill latency, decode tokens/s, peak memory")] = True,
+    prefill_len: int = 512,
+    decode_tokens: int = 64,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
+    overwrite: bool = typer.Option(False, help="replace an existing --report file"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Perplexity on held-out text, lm-eval tasks, and speed on this device."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.data import Corpus, DataConfig
+        from llmcompress.evaluation import EvalConfig, evaluate
+        from llmcompress.models import load
+        from llmcompress.models.loading import cache_dir
+        from llmcompress.pipeline.run import DTYPES
+
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        _check_new_file(report, overwrite)
+        cfg = EvalConfig(perplexity=perplexity, ppl_seq_len=seq_len, ppl_max_windows=max_windows, tasks=task or [],
+                         task_limit=task_limit, speed=speed, prefill_len=prefill_len, decode_tokens=decode_tokens)
+        graph = load(model, dtype=DTYPES[dtype], device=device)
+        heldout = None
+        if perplexity:
+            corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),
+                            graph.tokenizer, teacher=graph, cache=cache_dir())
+            heldout = corpus.heldout_stream()
+        with progress_bar() as update:
+            result = evaluate(graph, graph.tokenizer, cfg, heldout, Path.cwd(), update)
+        result["model"] = model
+        _render_eval(result)
+        if report is not None:
+            _write_json_atomic(report, result)
+            console.print(f"report written to {report}")
+
+
+def _render_eval(r: dict) -> None:
+    table = Table(title="evaluation", title_justify="left", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{r['params']:,}")
+    if "perplexity" in r:
+        table.add_row("held-out perplexity", f"{r['perplexity']['perplexity']:.3f}")
+    for name, metrics in r.get("tasks", {}).items():
+        for m in ("acc", "acc_norm"):
+            if m in metrics:
+                table.add_row(f"{name} {m} ({metrics.get('rows')} rows)", f"{metrics[m]:.3f}")
+    if "speed" in r:
+        s = r["speed"]
+        table.add_row(f"prefill {s['prefill_batch']}x{s['prefill_len']} (ms)", f"{s['prefill_ms']:.1f}")
+        table.add_row("decode tokens/s (batch 1)", f"{s['decode_tok_s']:.1f}")
+        table.add_row(f"peak memory (MiB, {s['peak_memory_kind']})", f"{s['peak_memory_mb']:.0f}")
+    out_console.print(table)
+    if "perplexity" in r:
+        out_console.print(f"perplexity protocol: {r['perplexity']['protocol']}", highlight=False)
+    if "speed" in r:
+        out_console.print(f"device: {r['speed']['device']}, {r['speed']['threads']} threads", highlight=False)
+
+
+# ----------------------------------------------------------------------------- run
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override KEY=VALUE, e.g. stages.prune.num_layers=4")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="rerun from this stage on, even if unchanged")] = None,
+    output: Annotated[Optional[str], typer.Option(help="run folder (overrides the recipe's output)")] = None,
+    overwrite: bool = typer.Option(False, help="replace an existing output folder that is not a run of this tool"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run a recipe's stages in order; finished stages with unchanged inputs are skipped."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.pipeline import load_recipe, markdown_table, run_recipe
+
+        overrides = list(set_ or []) + ([f"output={output}"] if output else [])
+        rec, base_dir = load_recipe(recipe, overrides)
+
+        def on_stage(sr):
+            state = "[dim]skipped (unchanged)[/]" if sr.skipped else f"done in {sr.seconds:.1f}s"
+            console.print(f"[bold]{sr.label}[/] ({sr.type}): {state} -> {sr.folder}")
+
+        with progress_bar() as update:
+            result = run_recipe(rec, base_dir, from_stage=from_, overwrite=overwrite, progress=update,
+                                on_stage=on_stage)
+        if result.summary:
+            md = (result.output / "summary.md").read_text()
+            out_console.print(md, highlight=False, markup=False)
+        console.print(f"run folder: {result.output}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

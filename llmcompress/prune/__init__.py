@@ -1,0 +1,1 @@
+"""Pruning algorithms (pure functions over a model graph and calibration tokens)."""
