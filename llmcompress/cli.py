@@ -69,6 +69,9 @@ def _setup(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         warnings.filterwarnings("ignore")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # third-party progress bars; ours are rich
+        for name in ("lm-eval", "lm_eval"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

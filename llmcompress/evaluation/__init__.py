@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import resource
@@ -91,12 +92,9 @@ def local_mc_task(path: Path, limit: int | None = None) -> dict:
 def lm_eval_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                   base_dir: Path | None = None) -> dict:
     """Run lm-eval through its Python API on our model object. -> {task: {metric: value}}"""
-    import logging
-
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     specs = []
     for t in tasks:
         p = Path(t).expanduser()
@@ -106,6 +104,8 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, 
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=getattr(model.config, "max_position_embeddings", 2048))
+    for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):  # library code stays quiet
+        setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False,
                                       bootstrap_iters=0, verbosity="WARNING")

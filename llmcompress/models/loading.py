@@ -75,7 +75,7 @@ def llama_config_of(graph: ModelGraph):
     c, b = graph.config, blocks(graph)[0]
     if c.hidden_act != "silu":
         raise ValueError(f"hidden_act {c.hidden_act!r} cannot be saved as Llama")
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta} | (c.rope_scaling or {})
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta} | (getattr(c, "rope_scaling", None) or {})
     kw = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=b.ffn.intermediate_size,
         num_hidden_layers=len(graph.model.layers), num_attention_heads=b.attention.num_heads,
@@ -88,7 +88,7 @@ def llama_config_of(graph: ModelGraph):
         from transformers import Qwen2Config  # q/k/v bias without o_proj bias is Qwen2's layout
 
         kw.pop("attention_bias"), kw.pop("mlp_bias"), kw.pop("head_dim")
-        return Qwen2Config(rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, **kw)
+        return Qwen2Config(rope_parameters=rope, **kw)
     return LlamaConfig(rope_parameters=rope, **kw)
 
 

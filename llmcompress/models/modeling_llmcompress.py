@@ -81,7 +81,8 @@ class LlmcNasConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        if rope_scaling is not None:  # transformers 5 warns on any assignment of rope_scaling
+            self.rope_scaling = rope_scaling
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
@@ -98,7 +99,7 @@ class LlmcNasConfig(PretrainedConfig):
 def rope_inv_freq(config: LlmcNasConfig) -> torch.Tensor:
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq

