@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +57,14 @@ def test_speed_report(graph):
 def test_evaluate_needs_heldout_for_perplexity(graph):
     with pytest.raises(ValueError, match="held-out"):
         evaluate(graph, graph.tokenizer, EvalConfig(speed=False))
+
+
+SHARED_TASK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mc_epistemic_reasoning.jsonl"
+
+
+@pytest.mark.skipif(not SHARED_TASK.exists(), reason="the project's shared data folder is not beside the checkout")
+def test_lm_eval_on_shared_mc_task(graph):
+    report = evaluate(graph, graph.tokenizer, EvalConfig(perplexity=False, speed=False, tasks=[str(SHARED_TASK)],
+                                                         task_limit=4))
+    metrics = report["tasks"]["mc_epistemic_reasoning"]
+    assert metrics["rows"] == 4 and metrics["acc"] in (0, 0.25, 0.5, 0.75, 1.0)
