@@ -8,19 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import os
-
-# the user's model cache, captured before any test isolates it (the slow default-model test reuses it)
-USER_CACHE = os.environ.get("LLMCOMPRESS_CACHE") or str(Path.home() / ".cache" / "llmcompress")
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing songs about rivers "
-         "mountains cities and the long quiet roads between them").split()
-
-
-def make_texts(n: int, seed: int = 0, words: int = 60) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
-            for _ in range(n)]
+from _tiny import make_texts, tiny_llama_config  # noqa: F401  (re-exported for fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +25,6 @@ def tokenizer(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
     return fast
-
-
-def tiny_llama_config(**kw):
-    from transformers import LlamaConfig
-
-    base = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    base.update(kw)
-    return LlamaConfig(**base)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import USER_CACHE
+from _tiny import USER_CACHE
 
 from llmcompress.models import AttentionConfig, BlockConfig, FFNConfig, load, save, set_block
 

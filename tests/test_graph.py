@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from _tiny import tiny_llama_config
 
 from llmcompress.models import (AttentionConfig, BlockConfig, FFNConfig, blocks, build, count_params, layer_table,
                                 remove_layers, set_block)
