@@ -207,7 +207,7 @@ def run(
     """Run a recipe's stages in order; finished stages with unchanged inputs are skipped."""
     _setup(verbose)
     with user_errors():
-        from llmcompress.pipeline import load_recipe, markdown_table, run_recipe
+        from llmcompress.pipeline import load_recipe, run_recipe
 
         overrides = list(set_ or []) + ([f"output={output}"] if output else [])
         rec, base_dir = load_recipe(recipe, overrides)

@@ -116,3 +116,14 @@ def test_prune_layers_as_noop_keeps_layer_count(tmp_path, tiny_hf_dir, corpus_fi
     cfg = json.loads((tmp_path / "run" / "01-prune" / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["DeciLMForCausalLM"]
     assert sum(b["attention"]["no_op"] and b["ffn"]["no_op"] for b in cfg["block_configs"]) == 2
+
+
+def test_synthetic_data_comes_from_the_original_model(tmp_path, tiny_hf_dir):
+    path = write_recipe(tmp_path, tiny_hf_dir, "synthetic")
+    recipe, base = load_recipe(path, ["data.synthetic_rows=6", "data.synthetic_tokens=40", "data.heldout_rows=2",
+                                      "data.seq_len=16", "stages.prune.seq_len=16", "stages.before.ppl_seq_len=16",
+                                      "stages.after.ppl_seq_len=16"])
+    run_recipe(recipe, base)
+    run_recipe(recipe, base, from_stage="after")  # resumes on the pruned checkpoint
+    cached = list((tmp_path / "cache" / "synthetic").glob("*.jsonl"))
+    assert len(cached) == 1  # both runs sampled from the original model (same key), never the pruned one

@@ -95,12 +95,14 @@ def run_recipe(recipe: Recipe, base_dir: Path, from_stage: str | None = None, ov
             state["graph"] = load(state["checkpoint"], dtype=dtype, device=device)
         return state["graph"]
 
-    def teacher():
+    def teacher():  # a copy of its own: stages change the working graph in place
         return load(recipe.model, dtype=dtype, device=device)
 
     def corpus():
-        tok_source = current_graph()
-        return Corpus(recipe.data, tok_source.tokenizer, teacher=tok_source, base_dir=base_dir, cache=cache_dir())
+        # synthetic text always comes from the recipe's original model, also when a run resumes later on
+        teacher_model = ctx.teacher if recipe.data.source == "synthetic" else None
+        return Corpus(recipe.data, current_graph().tokenizer, teacher=teacher_model, base_dir=base_dir,
+                      cache=cache_dir())
 
     ctx = StageContext(corpus_fn=corpus, teacher_fn=teacher, base_dir=base_dir, progress=progress)
     key = _key("model", model_identity(recipe.model), recipe.dtype)
