@@ -138,11 +138,16 @@ def eval_cmd(
     decode_tokens: int = 64,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     device: str = "cpu",
+    draft: Annotated[Optional[str], typer.Option(help="also measure speculative decoding with this draft: a model, "
+                                                      "or layers:K / important:K of MODEL")] = None,
+    gammas: Annotated[str, typer.Option(help="--draft: draft tokens per target call, comma-separated")] = "1,2,4",
+    spec_prompts: Annotated[int, typer.Option(help="--draft: held-out prompts to decode")] = 4,
+    spec_new_tokens: Annotated[int, typer.Option(help="--draft: greedy tokens generated per prompt")] = 32,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Perplexity on held-out text, lm-eval tasks, and speed on this device."""
+    """Perplexity on held-out text, lm-eval tasks, speed on this device, and with --draft speculative decoding."""
     _setup(verbose)
     with user_errors():
         from llmcompress.data import Corpus, DataConfig
@@ -150,6 +155,7 @@ def eval_cmd(
         from llmcompress.models import load
         from llmcompress.models.loading import cache_dir
         from llmcompress.pipeline.run import DTYPES
+        from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_draft, parse_gammas
 
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -157,13 +163,16 @@ def eval_cmd(
         cfg = EvalConfig(perplexity=perplexity, ppl_seq_len=seq_len, ppl_max_windows=max_windows, tasks=task or [],
                          task_limit=task_limit, speed=speed, prefill_len=prefill_len, decode_tokens=decode_tokens)
         graph = load(model, dtype=DTYPES[dtype], device=device)
+        spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens)
         heldout = None
-        if perplexity:
+        if perplexity or draft:
             corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),
                             graph.tokenizer, teacher=graph, cache=cache_dir())
-            heldout = corpus.heldout_stream()
+            heldout = corpus.heldout_stream() if perplexity else None
         with progress_bar() as update:
             result = evaluate(graph, graph.tokenizer, cfg, heldout, Path.cwd(), update)
+            if draft:
+                result["speculative"] = evaluate_draft(graph, draft, corpus, spec_cfg, update)
         result["model"] = model
         _render_eval(result)
         if report is not None:
@@ -192,6 +201,22 @@ def _render_eval(r: dict) -> None:
         out_console.print(f"perplexity protocol: {r['perplexity']['protocol']}", highlight=False)
     if "speed" in r:
         out_console.print(f"device: {r['speed']['device']}, {r['speed']['threads']} threads", highlight=False)
+    if "speculative" in r:
+        _render_speculative(r["speculative"])
+
+
+def _render_speculative(s: dict) -> None:
+    title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers), "
+             f"c = {s['cost_ratio_c']:.3f}")
+    table = Table(title=title, title_justify="left")
+    for col in ("gamma", "alpha", "tau", "accepted", "predicted speed-up", "measured speed-up", "identical output"):
+        table.add_column(col, justify="right")
+    for g in s["gammas"]:
+        table.add_row(str(g["gamma"]), f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}",
+                      f"{g['predicted_speedup']:.2f}x", f"{g['measured_speedup']:.2f}x",
+                      "yes" if g["identical_output"] else "NO")
+    out_console.print(table)
+    out_console.print(f"protocol: {s['protocol']}; target alone {s['target_tok_s']:.1f} tokens/s", highlight=False)
 
 
 # ----------------------------------------------------------------------------- run

@@ -1,0 +1,231 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023), batch 1, with KV caches for both models.
+
+One round: the draft proposes `gamma` tokens one at a time (its own KV cache); the target scores all of
+them in ONE forward pass (its KV cache); draft token i is kept with probability min(1, p_i(x) / q_i(x));
+at the first rejection a token is drawn from norm(max(0, p_i - q_i)) instead, and when every draft token
+is kept a bonus token is drawn from the target's next distribution. Each round yields 1..gamma+1 tokens
+distributed exactly as target-only sampling. Greedy mode (temperature 0) keeps a draft token iff it is
+the target's argmax and replaces the first mismatch by that argmax, so the output is the target's greedy
+output token for token.
+
+Cache invariant: each cache holds the keys/values of every token of `seq` but the last few; a forward
+feeds `seq[:, cache_len:]`. After verification the target cache is cropped back to the accepted prefix
+(rejected draft tokens leave no trace); the draft cache likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from llmcompress.speculative.divergences import acceptance
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one or more decodes. `accepted_per_call[i]`: draft tokens kept at target call i."""
+
+    gamma: int = 0
+    target_calls: int = 0  # verification passes (the prompt's prefill is not counted)
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    accepted_per_call: list[int] = field(default_factory=list)
+    overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p(x), q(x))
+    overlap_count: int = 0
+
+    @property
+    def alpha(self) -> float:
+        """Estimated acceptance rate E[sum min(p, q)] over the prefixes on the decoded path."""
+        return self.overlap_sum / max(self.overlap_count, 1)
+
+    @property
+    def tau(self) -> float:
+        """Block efficiency: tokens produced per target call (before truncation to max_new_tokens)."""
+        return (sum(self.accepted_per_call) + len(self.accepted_per_call)) / max(self.target_calls, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens kept."""
+        return self.accepted / max(self.drafted, 1)
+
+    def merge(self, other: "DecodeStats") -> "DecodeStats":
+        return DecodeStats(self.gamma or other.gamma, self.target_calls + other.target_calls,
+                           self.drafted + other.drafted, self.accepted + other.accepted,
+                           self.new_tokens + other.new_tokens, self.accepted_per_call + other.accepted_per_call,
+                           self.overlap_sum + other.overlap_sum, self.overlap_count + other.overlap_count)
+
+    def as_dict(self) -> dict:
+        return {"gamma": self.gamma, "target_calls": self.target_calls, "drafted": self.drafted,
+                "accepted": self.accepted, "new_tokens": self.new_tokens, "alpha": self.alpha, "tau": self.tau,
+                "acceptance_rate": self.acceptance_rate}
+
+
+# ----------------------------------------------------------------------------- pure sampling steps
+def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Next-token distribution [..., V]; temperature 0 gives the one-hot argmax."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, -1)
+
+
+def sample(p: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token from distribution p [V]."""
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) [V]: where the target's mass exceeds the draft's (p itself if p == q)."""
+    r = (p - q).clamp_min(0)
+    total = r.sum()
+    return r / total if total > 0 else p
+
+
+def verify(draft_tokens: list[int], q: torch.Tensor, p: torch.Tensor, greedy: bool,
+           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Accept a prefix of the draft and pick the next token.
+
+    draft_tokens: gamma tokens; q: [gamma, V] draft distributions they were drawn from; p: [gamma+1, V]
+    target distributions at the same positions plus one. -> (number accepted n, the token after them).
+    """
+    for i, x in enumerate(draft_tokens):
+        if greedy:
+            ok = int(p[i].argmax()) == x
+        else:
+            r = float(torch.rand((), generator=generator))
+            ok = r * float(q[i, x]) < float(p[i, x])  # r < p/q, without dividing by q
+        if not ok:
+            return i, int(p[i].argmax()) if greedy else sample(residual(p[i], q[i]), generator)
+    n = len(draft_tokens)
+    return n, int(p[n].argmax()) if greedy else sample(p[n], generator)
+
+
+# ----------------------------------------------------------------------------- caches
+def cache_len(cache: DynamicCache) -> int:
+    return cache.get_seq_length() if len(cache.layers) else 0
+
+
+def rollback(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions beyond `length` (transformers 5: crop(-n) removes the last n)."""
+    extra = cache_len(cache) - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def feed(model, seq: torch.Tensor, cache: DynamicCache, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed the tokens of `seq` [1, L] the cache lacks (then `extra` [1, k]); -> logits of those tokens [n, V]."""
+    x = seq[:, cache_len(cache):]
+    if extra is not None:
+        x = torch.cat([x, extra], 1)
+    return model(x, cache=cache, use_cache=True).logits[0]
+
+
+def prefill(model, prompt: torch.Tensor) -> DynamicCache:
+    """Cache of every prompt token but the last (the first decode step feeds it)."""
+    cache = DynamicCache()
+    if prompt.shape[1] > 1:
+        model(prompt[:, :-1], cache=cache, use_cache=True)
+    return cache
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- decoders
+@torch.no_grad()
+def target_decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                  generator: torch.Generator | None = None, eos_token_id: int | None = None
+                  ) -> tuple[torch.Tensor, DecodeStats]:
+    """Plain autoregressive decoding with a KV cache (the baseline). prompt: [1, P] -> [1, P + new]."""
+    _check_prompt(prompt)
+    seq = prompt.to(_device(model))
+    cache = prefill(model, seq)
+    stats = DecodeStats()
+    for _ in range(max_new_tokens):
+        logits = feed(model, seq, cache)[-1]
+        tok = int(logits.argmax()) if temperature == 0 else sample(probs(logits, temperature), generator)
+        seq = torch.cat([seq, seq.new_tensor([[tok]])], 1)
+        stats.target_calls += 1
+        stats.accepted_per_call.append(0)
+        stats.new_tokens += 1
+        if tok == eos_token_id:
+            break
+    return seq, stats
+
+
+@torch.no_grad()
+def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int, gamma: int = 4,
+                       temperature: float = 0.0, generator: torch.Generator | None = None,
+                       eos_token_id: int | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """Speculative sampling from `target` with proposals by `draft`. prompt: [1, P] -> ([1, P + new], stats).
+
+    temperature 0: greedy (output = the target's greedy output); > 0: sampling, distributed as the
+    target's samples at that temperature. `generator` seeds every random draw.
+    """
+    _check_prompt(prompt)
+    if gamma < 1:
+        raise ValueError(f"gamma={gamma} must be >= 1")
+    greedy = temperature == 0
+    seq = prompt.to(_device(target))
+    end = seq.shape[1] + max_new_tokens
+    tcache, dcache = prefill(target, seq), prefill(draft, seq)
+    stats = DecodeStats(gamma=gamma)
+    while seq.shape[1] < end:
+        # draft gamma tokens: q [gamma, V], ql the draft's logits
+        drafted, qs, qls, d_seq = [], [], [], seq
+        for _ in range(gamma):
+            ql = feed(draft, d_seq, dcache)[-1]
+            q = probs(ql, temperature)
+            tok = int(q.argmax()) if greedy else sample(q, generator)
+            drafted.append(tok)
+            qs.append(q)
+            qls.append(ql)
+            d_seq = torch.cat([d_seq, d_seq.new_tensor([[tok]])], 1)
+        # verify all of them in one target pass: logits [gamma + 1, V] at the last seq token and each draft
+        pl = feed(target, seq, tcache, seq.new_tensor([drafted]))[-(gamma + 1):]
+        p = probs(pl, temperature)
+        n, nxt = verify(drafted, torch.stack(qs), p, greedy, generator)
+        # alpha integrand on the path: the accepted positions and the first rejected one
+        k = min(n + 1, gamma)
+        stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
+        stats.overlap_count += k
+        stats.target_calls += 1
+        stats.drafted += gamma
+        stats.accepted += n
+        stats.accepted_per_call.append(n)
+        new = drafted[:n] + [nxt]
+        seq = torch.cat([seq, seq.new_tensor([new])], 1)
+        # roll back: both caches keep at most seq[:, :-1] (the draft may lack the last accepted token)
+        rollback(tcache, seq.shape[1] - 1)
+        rollback(dcache, seq.shape[1] - 1)
+        if eos_token_id is not None and eos_token_id in new:
+            seq = seq[:, : seq.shape[1] - len(new) + new.index(eos_token_id) + 1]
+            break
+    seq = seq[:, :end]
+    stats.new_tokens = seq.shape[1] - prompt.shape[1]
+    return seq, stats
+
+
+@torch.no_grad()
+def hf_assisted_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int, gamma: int = 4,
+                       temperature: float = 0.0, eos_token_id: int | None = None) -> torch.Tensor:
+    """The same job through transformers' `generate(assistant_model=...)` (constant gamma), for comparison."""
+    _check_prompt(prompt)
+    prompt = prompt.to(_device(target))
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    pad = eos_token_id if eos_token_id is not None else 0
+    return target.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=draft,
+                           num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
+                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad, **kw)
+
+
+def _check_prompt(prompt: torch.Tensor) -> None:
+    if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be one non-empty sequence of shape [1, P], got {tuple(prompt.shape)}")
+
+
+__all__ = ["DecodeStats", "hf_assisted_decode", "probs", "residual", "rollback", "sample", "speculative_decode",
+           "target_decode", "verify"]

@@ -1,0 +1,44 @@
+"""The speculative-decoding report and `llmcompress eval --draft`."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcompress.cli import app
+from llmcompress.speculative.draft_init import init_draft
+from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, parse_gammas
+
+
+def test_report_fields(tiny_target):
+    draft = init_draft(tiny_target, "layers:2")
+    cfg = SpecEvalConfig(gammas=[1, 3], prompts=2, new_tokens=6, cost_steps=4)
+    r = evaluate_speculative(tiny_target, draft, [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])], cfg)
+    assert 0 < r["cost_ratio_c"] and r["prompts"] == 2 and [g["gamma"] for g in r["gammas"]] == [1, 3]
+    for g in r["gammas"]:
+        assert g["identical_output"] and 1 <= g["tau"] <= g["gamma"] + 1 and 0 <= g["alpha"] <= 1
+        assert g["predicted_speedup"] > 0 and g["measured_speedup"] > 0 and g["new_tokens"] == 12
+    json.dumps(r)  # JSON-ready
+
+
+def test_parse_gammas():
+    assert parse_gammas("1, 2,4") == [1, 2, 4]
+    for bad in ("", "0,1", "a"):
+        with pytest.raises(ValueError, match="--gammas"):
+            parse_gammas(bad)
+
+
+def test_cli_eval_draft(tiny_hf_dir, corpus_file, tmp_path):
+    runner = CliRunner()
+    report = tmp_path / "r.json"
+    r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--data", str(corpus_file),
+                            "--heldout-rows", "10", "--draft", "layers:2", "--gammas", "1,3", "--spec-prompts", "2",
+                            "--spec-new-tokens", "5", "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    spec = json.loads(report.read_text())["speculative"]
+    assert spec["draft"] == "layers:2" and spec["draft_init_layers"] == [0, 3] and len(spec["gammas"]) == 2
+    assert "speed-up" in r.output and "identical" in r.output
+    r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--draft", "layers:2",
+                            "--gammas", "0"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "--gammas" in r.output
