@@ -250,6 +250,110 @@ def run(
         console.print(f"run folder: {result.output}")
 
 
+# ----------------------------------------------------------------------------- profile
+def _parse_list(option: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of {kind.__name__} values") from None
+    if not values:
+        raise UserError(f"{option} is empty; give a comma-separated list such as 1,8")
+    return values
+
+
+@app.command("profile")
+def profile_cmd(
+    model: Annotated[str, typer.Option(help="'default', a model folder, a .gguf file or a hub id")] = "default",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    batch: Annotated[str, typer.Option(help="batch sizes, comma-separated, e.g. 1,8,64")] = "1",
+    prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence (prefill)")] = 512,
+    gen_len: Annotated[int, typer.Option(help="generated tokens; decode is timed at prompt + gen/2 cached")] = 128,
+    ffn_fractions: Annotated[str, typer.Option(help="FFN sizes as fractions of the parent's")] = "1,.875,.75,.5,.25,.1",
+    formats: Annotated[str, typer.Option(help="weight formats of the linear layers, comma-separated")] = "dense",
+    repeats: Annotated[int, typer.Option(help="timed repetitions per measurement (median, min, max kept)")] = 10,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    clock: Annotated[str, typer.Option(help="wall, or process: CPU time, which with --threads 1 ignores other "
+                                            "programs on a shared CPU")] = "wall",
+    out: Annotated[Path, typer.Option(help="write the cost table (JSON) here")] = Path("costs.json"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Time every block variant (attention, FFN sizes, linear, no-op) per weight format on a device: the cost table."""
+    _setup(verbose)
+    with user_errors():
+        import torch
+
+        from llmcompress.formats import WEIGHT_FORMATS
+        from llmcompress.hardware import CostModel, profile, save_table
+        from llmcompress.models import load
+        from llmcompress.pipeline.run import DTYPES
+
+        if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise UserError(f"--device {device!r} is not cpu, cuda or cuda:N")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device} asked, but CUDA is not available here; use --device cpu")
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if clock not in ("wall", "process") or (clock == "process" and device != "cpu"):
+            raise UserError(f"--clock {clock!r}: use wall, or process with --device cpu")
+        batches = _parse_list("--batch", batch, int)
+        fractions = _parse_list("--ffn-fractions", ffn_fractions, float)
+        fmts = _parse_list("--formats", formats, str)
+        if min(batches) < 1:
+            raise UserError(f"--batch {batch!r}: batch sizes must be positive")
+        if not all(0 < f <= 1 for f in fractions):
+            raise UserError(f"--ffn-fractions {ffn_fractions!r}: fractions must lie in (0, 1]")
+        if any(f not in WEIGHT_FORMATS for f in fmts):
+            raise UserError(f"--formats {formats!r}: choose from {', '.join(WEIGHT_FORMATS)}")
+        if prompt_len < 1 or gen_len < 1 or repeats < 1 or (threads is not None and threads < 1):
+            raise UserError("--prompt-len, --gen-len, --repeats and --threads must be at least 1")
+        _check_new_file(out, overwrite)
+        if device == "cpu" and fmts != ["dense"]:
+            logging.getLogger(__name__).warning("on CPU the compressed formats run a torch reference path: "
+                                                "their timings do not show kernel speed")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        graph = load(model, dtype=DTYPES[dtype], device=device)
+        with progress_bar() as update:
+            table = profile(graph, batches, prompt_len, gen_len, fractions, fmts, repeats, clock=clock,
+                            model_name=model, progress=update)
+        save_table(table, out, overwrite=overwrite)
+        _render_profile(table, CostModel(table), graph)
+        console.print(f"cost table written to {out}")
+
+
+def _render_profile(table, cost_model, graph) -> None:
+    s = table.settings
+    t = Table(title=f"{table.device}, {table.dtype}, {s.threads} threads, {s.clock} clock: median ms of {s.repeats}; "
+                    f"prefill {s.prompt_len} tokens, decode at {s.decode_context} cached", title_justify="left")
+    t.add_column("block part", no_wrap=True)
+    t.add_column("format")
+    t.add_column("params", justify="right")
+    for b in s.batches:
+        t.add_column(f"prefill b={b}", justify="right")
+        t.add_column(f"decode b={b}", justify="right")
+    t.add_column("spread", justify="right")
+    for e in table.entries.values():
+        timings = [x for b in s.batches for x in (e.prefill[b], e.decode[b])]
+        spread = max((x.max_ms - x.min_ms) / x.median_ms for x in timings if x.median_ms > 0)
+        t.add_row(f"{e.part} {e.variant}", e.format, f"{e.params:,}", *[f"{x.median_ms:.3g}" for x in timings],
+                  f"{100 * spread:.0f}%")
+    out_console.print(t)
+    out_console.print("spread: the largest (max - min) / median of the row", highlight=False)
+    for key, why in table.skipped.items():
+        console.print(f"[yellow]skipped[/] {key}: {why}", highlight=False)
+    for b in s.batches:
+        try:
+            p = cost_model.predict(graph, batch=b)
+        except ValueError as err:
+            console.print(f"[yellow]no prediction for the model[/]: {err}", highlight=False)
+            break
+        out_console.print(f"predicted for the model at batch {b}: prefill {p['prefill_ms']:.1f} ms, decode "
+                          f"{p['decode_ms_per_token']:.2f} ms/token, weights {p['param_bytes'] / 2**20:.1f} MiB, "
+                          f"KV cache {p['kv_bytes'] / 2**20:.1f} MiB", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -92,6 +92,8 @@ class CostModel:
         found = self.table.entries.get(entry_key(part, name, fmt))
         if found is not None:
             return found
+        if entry_key(part, name, fmt) in self.table.skipped:  # could not be built: do not interpolate over it
+            raise self._missing(part, name, fmt)
         if part == "ffn" and variant.kind == "mlp":
             sizes = sorted(int(e.variant[4:]) for e in self.table.entries.values()
                            if e.part == "ffn" and e.format == fmt and e.variant.startswith("mlp_"))

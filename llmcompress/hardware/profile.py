@@ -12,10 +12,14 @@ What one entry means (all timings are medians over `repeats` sweeps, with min/ma
   prefill + gen_len * decode approximates a whole generation.
 - Decode is memory-bound. A layer timed alone would find its weights in the last-level cache, which the full
   model (larger than that cache) does not, so decode sweeps run round-robin over enough copies of the layer
-  (weights + KV cache) to exceed `working_set_mb` (default: twice the CPU's L3 or the GPU's L2). Prefill reuses
-  each weight b * prompt_len times and is compute-bound, so it times one copy.
-- A sample is the wall time of one sweep (torch.cuda.synchronize before and after on CUDA) divided by its calls;
-  `warmup` sweeps run first, untimed. Weights are random: dense latency does not depend on their values.
+  (weights + KV cache) to touch `working_set_mb`: by default as many bytes as the whole model's weights (what
+  one decode step of it reads), capped at twice the last-level cache (CPU L3, GPU L2), beyond which more copies
+  change nothing. Prefill reuses each weight b * prompt_len times and is compute-bound: it times one copy.
+- A sample is the time of one sweep (torch.cuda.synchronize before and after on CUDA) divided by its calls;
+  `warmup` sweeps run first, untimed. The clock is wall time, or on CPU optionally this process's CPU time
+  (`clock="process"`): with one torch thread that is the latency the sweep would have had without other
+  programs competing for the cores, which makes tables reproducible on a shared machine.
+  Weights are random: dense latency does not depend on their values.
 - Linear layers of a part are converted to each weight format with `formats.make_linear` (int4 group size: the
   largest of 128, 64, 32 dividing the input size; 2:4 formats are magnitude-pruned first). A (variant, format)
   that cannot be built is listed under `skipped` with the reason.
@@ -87,6 +91,7 @@ class ProfileSettings(BaseModel):
     repeats: int
     warmup: int
     working_set_mb: float = Field(description="decode sweeps cycle through layer copies totalling at least this")
+    clock: Literal["wall", "process"] = Field("wall", description="wall time, or this process's CPU time (CPU)")
     threads: int = Field(description="torch.get_num_threads() while profiling")
     torch_version: str
 
@@ -215,22 +220,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def check_clock(clock: str, device: torch.device) -> Callable[[], float]:
+    if clock not in CLOCKS:
+        raise ValueError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
+    if clock == "process" and device.type != "cpu":
+        raise ValueError("the process clock measures CPU time; on a GPU use the wall clock")
+    if clock == "process" and torch.get_num_threads() != 1:
+        raise ValueError(f"the process clock adds up the CPU time of all {torch.get_num_threads()} torch threads; "
+                         "use it with one thread (--threads 1) or use the wall clock")
+    return CLOCKS[clock]
+
+
 def time_calls(calls: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device,
-               before: Callable[[], None] | None = None) -> Timing:
+               before: Callable[[], None] | None = None, clock: str = "wall") -> Timing:
     """Per-call latency: each sweep runs every call once; sample = sweep time / len(calls).
     `before` runs untimed ahead of each sweep (e.g. to cut KV caches back to their starting length)."""
+    now = check_clock(clock, device)
     samples = []
     with torch.no_grad():
         for i in range(warmup + repeats):
             if before is not None:
                 before()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for call in calls:
                 call()
             _sync(device)
             if i >= warmup:
-                samples.append((time.perf_counter() - t0) / len(calls))
+                samples.append((now() - t0) / len(calls))
     return summarize(samples)
 
 
@@ -283,7 +303,7 @@ def head_model(config: LlmcNasConfig, device, dtype) -> ModelGraph:
 # ----------------------------------------------------------------------------- measuring
 def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int, batches: Sequence[int],
                    prompt_len: int, context: int, repeats: int, warmup: int, working_set: float,
-                   device, dtype) -> tuple[dict[int, Timing], dict[int, Timing]]:
+                   device, dtype, clock: str) -> tuple[dict[int, Timing], dict[int, Timing]]:
     D, hd = config.hidden_size, config.head_dim
     attn = getattr(layer, "self_attn", None)
     n_kv = getattr(attn, "num_kv_heads", 0)
@@ -294,7 +314,8 @@ def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int
     for b in batches:
         x = torch.randn(b, prompt_len, D, device=device, dtype=dtype)  # [B, L, D]
         cos, sin = _rope(config, b, 0, prompt_len, device, dtype)  # [B, L, hd]
-        prefill[b] = time_calls([lambda: layer(x, cos, sin, None, None)] * min_calls, repeats, warmup, device)
+        prefill[b] = time_calls([lambda: layer(x, cos, sin, None, None)] * min_calls, repeats, warmup, device,
+                                clock=clock)
         del x, cos, sin
 
         n = copies_for(weights + kv_per_token * b * (context + 1), working_set)
@@ -318,12 +339,13 @@ def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int
 
         calls = [(lambda m=m, c=c: m(x1, cos1, sin1, None, c)) for m, c in zip(copies[:n], caches)]
         calls = calls * math.ceil(min_calls / len(calls)) if n_kv == 0 else calls
-        decode[b] = time_calls(calls, repeats, warmup, device, reset)
+        decode[b] = time_calls(calls, repeats, warmup, device, reset, clock)
         del caches, calls
     return prefill, decode
 
 
-def _profile_head(config: LlmcNasConfig, batches, prompt_len, repeats, warmup, working_set, device, dtype) -> Entry:
+def _profile_head(config: LlmcNasConfig, batches, prompt_len, repeats, warmup, working_set, device, dtype,
+                  clock: str) -> Entry:
     from transformers import DynamicCache
 
     head = head_model(config, device, dtype)
@@ -334,14 +356,14 @@ def _profile_head(config: LlmcNasConfig, batches, prompt_len, repeats, warmup, w
     prefill, decode = {}, {}
     for b in batches:
         ids = torch.randint(0, config.vocab_size, (b, prompt_len), generator=gen).to(device)  # [B, L]
-        prefill[b] = time_calls([lambda: head(ids)] * min_calls, repeats, warmup, device)
+        prefill[b] = time_calls([lambda: head(ids)] * min_calls, repeats, warmup, device, clock=clock)
         tok = ids[:, :1]  # [B, 1]
 
         def step(m, cache):  # the zero-layer model leaves its cache empty: reuse one per copy
             return m(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
         calls = [(lambda m=m, c=DynamicCache(): step(m, c)) for m in copies]
-        decode[b] = time_calls(calls * math.ceil(min_calls / len(calls)), repeats, warmup, device)
+        decode[b] = time_calls(calls * math.ceil(min_calls / len(calls)), repeats, warmup, device, clock=clock)
     return Entry(part="head", variant=HEAD, format="dense", params=count_params(head), param_bytes=weights,
                  prefill=prefill, decode=decode)
 
@@ -352,8 +374,8 @@ def _unique(items):
 
 def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 512, gen_len: int = 128,
             ffn_fractions: Sequence[float] = FFN_FRACTIONS, formats: Sequence[str] = ("dense",),
-            repeats: int = 10, warmup: int = 2, working_set_mb: float | None = None, model_name: str = "",
-            progress: Callable[[str, int, int], None] | None = None) -> CostTable:
+            repeats: int = 10, warmup: int = 2, working_set_mb: float | None = None, clock: str = "wall",
+            model_name: str = "", progress: Callable[[str, int, int], None] | None = None) -> CostTable:
     """Time every attention and FFN variant of `graph`'s vocabulary (derived from its parent sizes, plus the
     variants it already contains) in every format, on the graph's device and dtype. See the module docstring."""
     from llmcompress.formats import WEIGHT_FORMATS
@@ -371,8 +393,10 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
         raise ValueError(f"unknown weight format(s) {bad}; choose from {', '.join(WEIGHT_FORMATS)}")
     ref = next(graph.parameters())
     device, dtype, cfg = ref.device, ref.dtype, graph.config
+    check_clock(clock, device)
     context = decode_context(prompt_len, gen_len)
-    ws_mb = working_set_mb if working_set_mb is not None else default_working_set_mb(device)
+    ws_mb = working_set_mb if working_set_mb is not None else \
+        min(default_working_set_mb(device), state_bytes(graph) / 2**20)
     progress = progress or (lambda label, done, total: None)
 
     present = blocks(graph)
@@ -387,7 +411,7 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
         progress(label, i, len(jobs) + 1)
         block = BlockConfig(attention=variant if part == "attention" else NOOP_ATTENTION,
                             ffn=variant if part == "ffn" else NOOP_FFN)
-        name = "noop" if part == "empty" else (attention_variant(variant) if part == "attention" else ffn_variant(variant))
+        name = {"empty": lambda v: "noop", "attention": attention_variant, "ffn": ffn_variant}[part](variant)
         try:
             layer = make_layer(cfg, block, fmt, device, dtype)
         except ValueError as err:
@@ -395,7 +419,7 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
             continue
         kv = kv_bytes_per_token(block.attention, cfg.head_dim, dtype)
         prefill, decode = _profile_layer(layer, cfg, kv, batches, prompt_len, context, repeats, warmup,
-                                         ws_mb * 2**20, device, dtype)
+                                         ws_mb * 2**20, device, dtype, clock)
         fields = dict(variant=name, format=fmt, params=count_params(layer), param_bytes=state_bytes(layer),
                       kv_bytes_per_token=kv, prefill=prefill, decode=decode)
         for p in (("attention", "ffn") if part == "empty" else (part,)):
@@ -403,7 +427,7 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
         del layer
     progress(label, len(jobs), len(jobs) + 1)
     entries[entry_key("head", HEAD, "dense")] = _profile_head(cfg, batches, prompt_len, repeats, warmup,
-                                                               ws_mb * 2**20, device, dtype)
+                                                               ws_mb * 2**20, device, dtype, clock)
     progress(label, len(jobs) + 1, len(jobs) + 1)
     settings = ProfileSettings(
         model=model_name or str(getattr(graph, "source", "")), hidden_size=cfg.hidden_size, head_dim=cfg.head_dim,
@@ -411,33 +435,34 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
         num_key_value_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size,
         batches=list(batches), prompt_len=prompt_len, gen_len=gen_len, decode_context=context,
         formats=list(formats), ffn_fractions=list(ffn_fractions), repeats=repeats, warmup=warmup,
-        working_set_mb=ws_mb, threads=torch.get_num_threads(), torch_version=torch.__version__)
+        working_set_mb=ws_mb, clock=clock, threads=torch.get_num_threads(), torch_version=torch.__version__)
     return CostTable(device=device_name(device), dtype=str(dtype).replace("torch.", ""), settings=settings,
                      entries=entries, skipped=skipped)
 
 
 def measure_model(graph: ModelGraph, batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
-                  repeats: int = 3, warmup: int = 1) -> dict[str, Timing]:
+                  repeats: int = 3, warmup: int = 1, clock: str = "wall") -> dict[str, Timing]:
     """End-to-end latency of the whole model under the table's definitions: prefill = one forward over
     [batch, prompt_len] without cache; decode = mean step time of gen_len greedy steps after a cached prompt."""
     from transformers import DynamicCache
 
     ref = next(graph.parameters())
     device = ref.device
+    now = check_clock(clock, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, graph.config.vocab_size, (batch, prompt_len), generator=gen).to(device)  # [B, L]
-    prefill = time_calls([lambda: graph(ids)], repeats, warmup, device)
+    prefill = time_calls([lambda: graph(ids)], repeats, warmup, device, clock=clock)
     samples = []
     with torch.no_grad():
         for i in range(warmup + repeats):
             cache = DynamicCache()
             tok = graph(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [B, 1]
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(gen_len):
                 tok = graph(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             _sync(device)
             if i >= warmup:
-                samples.append((time.perf_counter() - t0) / gen_len)
+                samples.append((now() - t0) / gen_len)
             del cache
     return {"prefill": prefill, "decode": summarize(samples)}

@@ -5,10 +5,11 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from llmcompress.stages.base import Stage, StageContext
+from llmcompress.stages.draft import DraftStage
 from llmcompress.stages.eval import EvalStage
 from llmcompress.stages.prune_layers import PruneLayersStage
 
-STAGE_TYPES = (EvalStage, PruneLayersStage)
+STAGE_TYPES = (EvalStage, PruneLayersStage, DraftStage)
 AnyStage = Annotated[Union[STAGE_TYPES], Field(discriminator="type")]
 
-__all__ = ["AnyStage", "EvalStage", "PruneLayersStage", "STAGE_TYPES", "Stage", "StageContext"]
+__all__ = ["AnyStage", "DraftStage", "EvalStage", "PruneLayersStage", "STAGE_TYPES", "Stage", "StageContext"]

@@ -1,0 +1,308 @@
+"""DistillSpec: distil a draft towards the target's next-token distributions (Zhou et al. 2023).
+
+Each step takes a batch of sequences = prompt + continuation and minimises a token-level divergence
+between the target's p and the draft's q on the continuation positions (the prompt is masked out).
+Continuations come from (`data`):
+  fixed      the training text itself (windows of the corpus; the first `prompt_tokens` act as prompt)
+  target     sampled from the target            (teacher-generated)
+  on-policy  sampled from the current draft     (student-generated)
+  mixture    on-policy with probability `mixture` (lambda) per batch, fixed text otherwise
+Target signals (`online`):
+  online     the frozen target runs inside every step on the batch: full logits, plus the hidden state the
+             LM head reads (the last decoder layer's output); loss = divergence (fkl = soft cross-entropy
+             minus the target's entropy, same gradient) + `feature_weight` * SmoothL1(proj(h_draft), h_target),
+             proj a learned linear map when the widths differ
+  offline    target log-probs of the (draft-independent) fixed or target-generated sequences are computed
+             once and kept as top-k (`offline_topk`); the tail mass is spread evenly over the other tokens
+Budget: `steps` and/or `tokens` (continuation tokens trained on). Every `checkpoint_every` steps the
+draft, the projection and the optimiser go to `<out>/checkpoint/` (safetensors + JSON) and a rerun with
+the same settings resumes there (a larger budget continues the run). Every `eval_every` steps, greedy
+speculative decoding on held-out prompts logs alpha and tau: the report shows acceptance as training goes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from safetensors.torch import load_file, save_file
+
+from llmcompress.speculative import divergences
+from llmcompress.speculative.decode import DecodeStats, speculative_decode
+
+DataSource = Literal["fixed", "target", "on-policy", "mixture"]
+
+
+class DistillConfig(BaseModel):
+    """How a draft is distilled. These fields are the `draft` stage's recipe section and the CLI's options."""
+
+    model_config = ConfigDict(extra="forbid")
+    divergence: str = Field("fkl", description="fkl, rkl, tvd, accept, jsd or jsd:BETA")
+    data: DataSource = "on-policy"
+    mixture: float = Field(0.5, ge=0, le=1, description="lambda: share of on-policy batches when data=mixture")
+    online: bool = Field(True, description="target logits and features computed inside each step")
+    offline_topk: int = Field(64, gt=0, description="target log-probs kept per token in offline mode")
+    temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
+    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of generated continuations")
+    prompt_tokens: int = Field(32, gt=0)
+    new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
+    feature_weight: float = Field(0.1, ge=0, description="online: weight of the SmoothL1 feature loss")
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int | None = Field(200, gt=0, description="stop after this many steps")
+    tokens: int | None = Field(None, gt=0, description="stop after this many continuation tokens")
+    eval_every: int = Field(50, gt=0)
+    eval_prompts: int = Field(4, gt=0)
+    eval_new_tokens: int = Field(32, gt=0)
+    eval_gamma: int = Field(4, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    seed: int = 0
+
+    @field_validator("divergence")
+    @classmethod
+    def _divergence(cls, v):
+        divergences.parse(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.steps is None and self.tokens is None:
+            raise ValueError("give a training budget: steps or tokens")
+        if not self.online and self.data in ("on-policy", "mixture"):
+            raise ValueError(f"data {self.data!r} samples from the draft as it trains, so the target's logits "
+                             "cannot be precomputed; use online: true (or data fixed/target)")
+        return self
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def continuation_mask(batch: int, length: int, prompt_tokens: int) -> torch.Tensor:
+    """Positions whose next token is a continuation token: prompt_tokens-1 .. length-2. -> bool [B, S]"""
+    pos = torch.arange(length)
+    return ((pos >= prompt_tokens - 1) & (pos < length - 1)).expand(batch, length)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probabilities and their token ids. [..., V] -> ([..., k], [..., k])"""
+    return F.log_softmax(logits.float(), -1).topk(min(k, logits.shape[-1]), -1)
+
+
+def expand_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full log-probabilities from top-k ones, the remaining mass spread evenly over the other tokens. -> [..., V]"""
+    k = values.shape[-1]
+    if k == vocab:
+        return torch.full(values.shape[:-1] + (vocab,), 0.0).scatter(-1, indices, values)
+    rest = (-torch.logsumexp(values, -1, keepdim=True).exp()).log1p().clamp_min(-80.0)  # log(1 - sum top-k)
+    fill = rest - torch.log(torch.tensor(float(vocab - k)))
+    out = fill.expand(values.shape[:-1] + (vocab,)).clone()
+    return out.scatter(-1, indices, values)
+
+
+def feature_loss(draft_h: torch.Tensor, target_h: torch.Tensor, mask: torch.Tensor, proj) -> torch.Tensor:
+    """SmoothL1 between projected draft features and target features on masked positions. [B, S, D] -> scalar"""
+    return F.smooth_l1_loss(proj(draft_h[mask].float()), target_h[mask].float())
+
+
+# ----------------------------------------------------------------------------- data
+@torch.no_grad()
+def generate(model, prompts: torch.Tensor, new_tokens: int, temperature: float, seed: int) -> torch.Tensor:
+    """Sample exactly `new_tokens` continuation tokens per prompt. [B, P] -> [B, P + new_tokens]"""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0)
+    return out
+
+
+def batch_source(cfg: DistillConfig, step: int) -> str:
+    """Which data source step `step` uses (mixture: seeded coin with P(on-policy) = lambda)."""
+    if cfg.data != "mixture":
+        return cfg.data
+    return "on-policy" if random.Random(cfg.seed * 1_000_003 + step).random() < cfg.mixture else "fixed"
+
+
+# ----------------------------------------------------------------------------- training
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.Tensor], cfg: DistillConfig,
+                out: Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Distil `draft` towards `target` in place. windows: [N, >= prompt_tokens + new_tokens] training tokens
+    (prompts are their first `prompt_tokens`; fixed continuations the next `new_tokens`). -> report."""
+    seq_len = cfg.prompt_tokens + cfg.new_tokens
+    if windows.shape[1] < seq_len:
+        raise ValueError(f"training windows have {windows.shape[1]} tokens; prompt_tokens + new_tokens = {seq_len}")
+    windows = windows[:, :seq_len]
+    device = next(draft.parameters()).device
+    target.eval().requires_grad_(False)
+    dt, tt = draft.config.hidden_size, target.config.hidden_size
+    proj = (torch.nn.Linear(dt, tt, bias=False) if dt != tt else _Identity()).to(device)
+    params = [p for p in draft.parameters()] + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"step": 0, "tokens": 0, "history": [], "evals": []}
+    ckpt = out / "checkpoint" if out is not None else None
+    if ckpt is not None and (ckpt / "state.json").exists():
+        state = _load_checkpoint(ckpt, cfg, draft, proj, opt)
+    offline = None
+    if not cfg.online:
+        windows, offline = _offline_targets(target, windows, cfg)
+    if not state["evals"]:
+        state["evals"].append(_eval(target, draft, eval_prompts, cfg, state))
+
+    def done() -> bool:
+        return (cfg.steps is not None and state["step"] >= cfg.steps) or \
+               (cfg.tokens is not None and state["tokens"] >= cfg.tokens)
+
+    total = cfg.steps or -(-cfg.tokens // (cfg.batch_size * cfg.new_tokens))
+    while not done():
+        step = state["step"]
+        idx = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed + step))[: cfg.batch_size]
+        source = batch_source(cfg, step)
+        prompts = windows[idx, : cfg.prompt_tokens].to(device)
+        if source == "fixed":
+            seqs = windows[idx].to(device)
+        else:
+            gen_model = target if source == "target" else draft.eval()
+            seqs = generate(gen_model, prompts, cfg.new_tokens, cfg.gen_temperature, cfg.seed + step)
+        mask = continuation_mask(len(seqs), seqs.shape[1], cfg.prompt_tokens).to(device)
+        draft.train()
+        d_out = draft(seqs, output_hidden_states=cfg.online)
+        if cfg.online:
+            with torch.no_grad():
+                t_out = target(seqs, output_hidden_states=True)
+            loss = divergences.divergence_loss(cfg.divergence, t_out.logits, d_out.logits, mask, cfg.temperature)
+            div = loss.item()
+            if cfg.feature_weight > 0:
+                loss = loss + cfg.feature_weight * feature_loss(d_out.hidden_states[-1], t_out.hidden_states[-1],
+                                                                mask, proj)
+        else:
+            # log-probs serve as logits: softmax(log p / T) is the target's distribution at temperature T
+            logp = expand_topk(offline[0][idx], offline[1][idx], target.config.vocab_size).to(device)
+            loss = divergences.divergence_loss(cfg.divergence, logp, d_out.logits, mask, cfg.temperature)
+            div = loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        draft.eval()
+        state["step"] += 1
+        state["tokens"] += int(mask.sum())
+        state["history"].append({"step": state["step"], "tokens": state["tokens"], "source": source,
+                                 "loss": loss.item(), "divergence": div})
+        if state["step"] % cfg.eval_every == 0 or done():
+            state["evals"].append(_eval(target, draft, eval_prompts, cfg, state))
+        if ckpt is not None and (state["step"] % cfg.checkpoint_every == 0 or done()):
+            _save_checkpoint(ckpt, cfg, draft, proj, opt, state)
+        if progress:
+            progress("distilling draft", state["step"], total)
+    return {"steps": state["step"], "tokens": state["tokens"], "divergence": cfg.divergence, "data": cfg.data,
+            "online": cfg.online, "acceptance": state["evals"], "loss_first": _mean_loss(state["history"][:10]),
+            "loss_last": _mean_loss(state["history"][-10:])}
+
+
+def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_samples: int = 64,
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Init a draft from `target` (`init`: layers:K, important:K or a model), distil it on `corpus` (a
+    `llmcompress.data.Corpus`; held-out documents give the acceptance prompts) and save it to `out/model`."""
+    from llmcompress.models import save
+    from llmcompress.speculative.draft_init import init_draft
+    from llmcompress.speculative.evaluate import prompts_from_texts
+
+    if getattr(target, "tokenizer", None) is None:
+        raise ValueError("distilling a draft needs the target's tokenizer; the model folder has none")
+    windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
+    draft = init_draft(target, init, windows[:8])
+    prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
+    report = train_draft(target, draft, windows, prompts, cfg, out, progress)
+    save(draft, out / "model", overwrite=True, tokenizer=target.tokenizer)
+    report |= {"init": init, "init_layers": getattr(draft, "init_layers", None), "draft": str(out / "model"),
+               "draft_layers": len(draft.model.layers), "train_sequences": len(windows)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _mean_loss(rows: list[dict]) -> float | None:
+    return sum(r["loss"] for r in rows) / len(rows) if rows else None
+
+
+@torch.no_grad()
+def _offline_targets(target, windows: torch.Tensor, cfg: DistillConfig):
+    """The training sequences and the top-k target log-probs at every position. -> ([N, S], ([N, S, k], [N, S, k]))"""
+    device = next(target.parameters()).device
+    seqs = windows
+    if cfg.data == "target":  # one target-generated continuation per window, fixed for the whole run
+        seqs = torch.cat([generate(target, w[:, : cfg.prompt_tokens].to(device), cfg.new_tokens,
+                                   cfg.gen_temperature, cfg.seed + i).cpu()
+                          for i, w in enumerate(windows.split(cfg.batch_size))])
+    vals, ids = zip(*(topk_logprobs(target(b.to(device)).logits, cfg.offline_topk) for b in seqs.split(cfg.batch_size)))
+    return seqs, (torch.cat(vals).cpu(), torch.cat(ids).cpu())
+
+
+@torch.no_grad()
+def _eval(target, draft, prompts: list[torch.Tensor], cfg: DistillConfig, state: dict) -> dict:
+    """Greedy speculative decoding on held-out prompts: alpha and tau at `eval_gamma`."""
+    draft.eval()
+    stats = DecodeStats(gamma=cfg.eval_gamma)
+    for p in prompts[: cfg.eval_prompts]:
+        stats = stats.merge(speculative_decode(target, draft, p, cfg.eval_new_tokens, cfg.eval_gamma)[1])
+    return {"step": state["step"], "tokens": state["tokens"], "alpha": stats.alpha, "tau": stats.tau,
+            "acceptance_rate": stats.acceptance_rate}
+
+
+# ----------------------------------------------------------------------------- checkpoints (safetensors + JSON)
+def _save_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt, state: dict) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    names = _param_names(draft, proj)
+    tensors = {f"model.{n}": p.detach().contiguous() for n, p in names.items()}
+    for n, p in names.items():
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{n}.{k}"] = v.detach().contiguous()
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"config": cfg.model_dump(), **state}, indent=1))
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def _load_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt) -> dict:
+    meta = json.loads((folder / "state.json").read_text())
+    if _run_identity(meta["config"]) != _run_identity(cfg.model_dump()):
+        raise ValueError(f"{folder} holds a run with another configuration; remove it or use another output folder")
+    tensors = load_file(str(folder / "state.safetensors"))
+    names = _param_names(draft, proj)
+    with torch.no_grad():
+        for n, p in names.items():
+            p.copy_(tensors[f"model.{n}"])
+            st = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            if st:
+                opt.state[p] = st
+    return {k: meta[k] for k in ("step", "tokens", "history", "evals")}
+
+
+def _run_identity(config: dict) -> dict:
+    """The settings a checkpoint must share to be resumed (the budget and logging cadence may change)."""
+    return {k: v for k, v in config.items() if k not in ("steps", "tokens", "eval_every", "checkpoint_every")}
+
+
+def _param_names(draft, proj) -> dict[str, torch.nn.Parameter]:
+    """Unique parameters by name (tied embeddings appear once)."""
+    out = dict(draft.named_parameters())
+    out |= {f"proj.{n}": p for n, p in proj.named_parameters()}
+    return out
+
+
+__all__ = ["DistillConfig", "continuation_mask", "distill", "expand_topk", "feature_loss", "generate", "topk_logprobs",
+           "train_draft"]

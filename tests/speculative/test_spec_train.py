@@ -1,0 +1,74 @@
+"""DistillSpec training: masks, offline top-k targets, data sources, learning, checkpoints and resumption."""
+
+import pytest
+import torch
+
+from _micro import micro_model
+from llmcompress.speculative.train import (DistillConfig, batch_source, continuation_mask, expand_topk,
+                                           topk_logprobs, train_draft)
+
+
+def test_continuation_mask():
+    m = continuation_mask(2, 6, 3)
+    assert m.shape == (2, 6) and m[0].tolist() == [False, False, True, True, True, False]
+
+
+def test_expand_topk():
+    logits = torch.randn(3, 10)
+    full = torch.log_softmax(logits, -1)
+    assert torch.allclose(expand_topk(*topk_logprobs(logits, 10), 10), full, atol=1e-6)
+    part = expand_topk(*topk_logprobs(logits, 4), 10)
+    assert torch.allclose(part.exp().sum(-1), torch.ones(3), atol=1e-5)
+    top = full.topk(4, -1)
+    assert torch.allclose(part.gather(-1, top.indices), top.values)
+
+
+def test_config_and_mixture():
+    with pytest.raises(ValueError, match="online"):
+        DistillConfig(data="on-policy", online=False)
+    with pytest.raises(ValueError, match="budget"):
+        DistillConfig(steps=None)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        DistillConfig(divergence="kl")
+    cfg = DistillConfig(data="mixture", mixture=0.3)
+    share = sum(batch_source(cfg, s) == "on-policy" for s in range(2000)) / 2000
+    assert share == pytest.approx(0.3, abs=0.04)
+
+
+def _setup():
+    target = micro_model(layers=2, seed=0)
+    draft = micro_model(layers=1, seed=1, hidden=16)  # another width: a learned projection for the features
+    windows = torch.randint(0, 6, (16, 24), generator=torch.Generator().manual_seed(0))
+    prompts = [windows[i: i + 1, :8] for i in range(2)]
+    return target, draft, windows, prompts
+
+
+def _cfg(**kw):
+    base = dict(divergence="tvd", data="fixed", prompt_tokens=8, new_tokens=16, batch_size=4, lr=3e-3, steps=30,
+                eval_every=30, eval_prompts=2, eval_new_tokens=8, eval_gamma=2, checkpoint_every=30)
+    return DistillConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(online=False, offline_topk=4, divergence="fkl"),
+                                dict(data="on-policy", divergence="jsd:0.5", steps=20, eval_every=20)])
+def test_training_reduces_the_divergence(kw):
+    target, draft, windows, prompts = _setup()
+    report = train_draft(target, draft, windows, prompts, _cfg(**kw))
+    assert report["steps"] == report["acceptance"][-1]["step"] and report["tokens"] > 0
+    assert report["loss_last"] < report["loss_first"]
+    if not kw:  # the long run: acceptance on held-out prompts grows with training
+        assert report["acceptance"][-1]["alpha"] > report["acceptance"][0]["alpha"]
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    target, draft_a, windows, prompts = _setup()
+    train_draft(target, draft_a, windows, prompts, _cfg(steps=6, checkpoint_every=3))
+    _, draft_b, _, _ = _setup()
+    train_draft(target, draft_b, windows, prompts, _cfg(steps=3, checkpoint_every=3), out=tmp_path)
+    _, draft_c, _, _ = _setup()  # a fresh process: resumes at step 3 from the checkpoint, goes on to 6
+    report = train_draft(target, draft_c, windows, prompts, _cfg(steps=6, checkpoint_every=3), out=tmp_path)
+    assert report["steps"] == 6
+    for pa, pc in zip(draft_a.parameters(), draft_c.parameters()):
+        assert torch.allclose(pa, pc, atol=1e-6)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_draft(target, draft_c, windows, prompts, _cfg(steps=6, lr=1e-4), out=tmp_path)
