@@ -214,9 +214,75 @@ def _render_speculative(s: dict) -> None:
     for g in s["gammas"]:
         table.add_row(str(g["gamma"]), f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}",
                       f"{g['predicted_speedup']:.2f}x", f"{g['measured_speedup']:.2f}x",
-                      "yes" if g["identical_output"] else "NO")
+                      {True: "yes", False: "NO", None: "n/a"}[g["identical_output"]])
     out_console.print(table)
     out_console.print(f"protocol: {s['protocol']}; target alone {s['target_tok_s']:.1f} tokens/s", highlight=False)
+
+
+# ----------------------------------------------------------------------------- draft
+@app.command()
+def draft(
+    target: Annotated[str, typer.Option(help="the model to accelerate: 'default', a folder, a .gguf or a hub id")]
+    = "default",
+    init: Annotated[str, typer.Option(help="layers:K, important:K (of the target) or a model with its tokenizer")]
+    = "layers:6",
+    divergence: Annotated[str, typer.Option(help="fkl, rkl, tvd, accept, jsd or jsd:BETA")] = "fkl",
+    data: Annotated[str, typer.Option(help="training sequences: fixed, target, on-policy or mixture")] = "on-policy",
+    mixture: Annotated[float, typer.Option(help="lambda: share of on-policy batches with --data mixture")] = 0.5,
+    online: Annotated[bool, typer.Option("--online/--offline", help="frozen target inside each step (logits + "
+                                         "features), or precomputed top-k target log-probs")] = True,
+    steps: Annotated[Optional[int], typer.Option(help="training steps (budget)")] = 200,
+    tokens: Annotated[Optional[int], typer.Option(help="continuation tokens (budget; with --steps, whichever first)")]
+    = None,
+    batch_size: int = 4,
+    lr: float = 5e-5,
+    prompt_tokens: int = 32,
+    new_tokens: Annotated[int, typer.Option(help="continuation tokens per sequence")] = 64,
+    temperature: Annotated[float, typer.Option(help="temperature of p and q in the divergence")] = 1.0,
+    feature_weight: Annotated[float, typer.Option(help="--online: weight of the SmoothL1 feature loss")] = 0.1,
+    eval_every: Annotated[int, typer.Option(help="steps between acceptance measurements")] = 50,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts of each acceptance measurement")] = 4,
+    eval_new_tokens: Annotated[int, typer.Option(help="greedy tokens per acceptance prompt")] = 32,
+    corpus: Annotated[str, typer.Option(help="text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
+    field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents give the acceptance prompts")] = 200,
+    num_samples: Annotated[int, typer.Option(help="training sequences drawn from --corpus")] = 64,
+    out: Annotated[Path, typer.Option(help="folder of the draft (out/model) and its training checkpoint")]
+    = Path("draft"),
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Distil a speculative-decoding draft of TARGET (DistillSpec); rerun the same command to resume."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.data import Corpus, DataConfig
+        from llmcompress.models import load
+        from llmcompress.models.loading import cache_dir
+        from llmcompress.pipeline.run import DTYPES
+        from llmcompress.speculative.train import DistillConfig, distill
+
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if data not in ("fixed", "target", "on-policy", "mixture"):
+            raise UserError(f"--data {data!r} is not one of fixed, target, on-policy, mixture")
+        cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, online=online, steps=steps,
+                            tokens=tokens, batch_size=batch_size, lr=lr, prompt_tokens=prompt_tokens,
+                            new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
+                            eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens)
+        graph = load(target, dtype=DTYPES[dtype], device=device)
+        text = Corpus(DataConfig(source=corpus, field=field, heldout_rows=heldout_rows), graph.tokenizer,
+                      teacher=graph, cache=cache_dir())
+        with progress_bar() as update:
+            report = distill(graph, init, text, cfg, out, num_samples, update)
+        table = Table(title=f"draft {init} of {target}: {report['steps']} steps, {report['tokens']:,} tokens, "
+                            f"{divergence}, {data}, {'online' if online else 'offline'}", title_justify="left")
+        for col in ("step", "tokens", "alpha", f"tau (gamma {cfg.eval_gamma})"):
+            table.add_column(col, justify="right")
+        for e in report["acceptance"]:
+            table.add_row(str(e["step"]), f"{e['tokens']:,}", f"{e['alpha']:.3f}", f"{e['tau']:.2f}")
+        out_console.print(table)
+        console.print(f"draft written to {report['draft']}")
 
 
 # ----------------------------------------------------------------------------- run

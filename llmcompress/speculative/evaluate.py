@@ -17,7 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmcompress.speculative import metrics
-from llmcompress.speculative.decode import DecodeStats, prefill, feed, speculative_decode, target_decode
+from llmcompress.speculative.decode import (DecodeStats, feed, hf_assisted_decode, prefill, speculative_decode,
+                                            target_decode)
 
 
 class SpecEvalConfig(BaseModel):
@@ -29,6 +30,7 @@ class SpecEvalConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: speculative sampling")
     seed: int = 0
     cost_steps: int = Field(16, gt=0, description="decode steps timed per model for the cost ratio c")
+    compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma")
 
     @field_validator("gammas")
     @classmethod
@@ -140,8 +142,17 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
             "predicted_speedup": metrics.speedup(alpha, gamma, c),
             "measured_speedup": base_time / spec_time,
             "seconds": spec_time,
-            "identical_output": identical,
+            "identical_output": identical if cfg.temperature == 0 else None,  # sampling: equal only in law
         })
+        if cfg.compare_hf:
+            hf_time, hf_identical = 0.0, True
+            for i, p in enumerate(prompts):
+                out, dt = _timed(lambda: hf_assisted_decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature,
+                                                            eos), device)
+                hf_time += dt
+                hf_identical &= torch.equal(out.cpu(), base_out[i])
+            rows[-1] |= {"hf_seconds": hf_time, "hf_measured_speedup": base_time / hf_time,
+                         "hf_identical_output": hf_identical if cfg.temperature == 0 else None}
     alpha = sum(r["alpha"] for r in rows) / len(rows)
     return {
         "draft_layers": len(draft.model.layers),

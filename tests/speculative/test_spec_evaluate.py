@@ -13,12 +13,13 @@ from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculativ
 
 def test_report_fields(tiny_target):
     draft = init_draft(tiny_target, "layers:2")
-    cfg = SpecEvalConfig(gammas=[1, 3], prompts=2, new_tokens=6, cost_steps=4)
+    cfg = SpecEvalConfig(gammas=[1, 3], prompts=2, new_tokens=6, cost_steps=4, compare_hf=True)
     r = evaluate_speculative(tiny_target, draft, [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])], cfg)
     assert 0 < r["cost_ratio_c"] and r["prompts"] == 2 and [g["gamma"] for g in r["gammas"]] == [1, 3]
     for g in r["gammas"]:
         assert g["identical_output"] and 1 <= g["tau"] <= g["gamma"] + 1 and 0 <= g["alpha"] <= 1
         assert g["predicted_speedup"] > 0 and g["measured_speedup"] > 0 and g["new_tokens"] == 12
+        assert g["hf_identical_output"] and g["hf_measured_speedup"] > 0  # transformers' assisted decoding agrees
     json.dumps(r)  # JSON-ready
 
 
