@@ -80,7 +80,9 @@ def w8a16_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
 def w8a8_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_per_token_ref(x2d)
-    acc = (xq.long() @ qweight.long().T).to(torch.int32)  # what the kernel accumulates
+    # what the kernel accumulates in int32; float64 holds these integer sums exactly (|sum| < K * 127^2 < 2^53)
+    # and, unlike int64, has a matmul on CUDA
+    acc = (xq.double() @ qweight.double().T).to(torch.int32)
     y = acc.float() * xs[:, None] * scale.float()
     y = y if bias is None else y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
