@@ -1,9 +1,9 @@
 """Measure a draft for speculative decoding: alpha, tau, cost ratio c, predicted and measured speed-up.
 
 Protocol (batch 1, greedy unless `temperature` > 0): every prompt is decoded by the target alone (our KV
-cache loop) and by speculative decoding at each gamma; wall-clock time covers the whole decode, prompt
-prefill included, summed over prompts. c is the median time of one cached single-token draft step over
-one target step at the prompts' length. Predicted speed-up uses the measured alpha and c in Leviathan
+cache loop) and, right after, by speculative decoding at each gamma; wall-clock time covers the whole
+decode, prompt prefill included, summed over prompts. c is the median time of one cached single-token
+draft step over one target step at the first prompt's length, the two models' steps alternating. Predicted speed-up uses the measured alpha and c in Leviathan
 et al.'s formula; "identical" says whether every speculative output equals the target-only output.
 """
 
@@ -66,18 +66,19 @@ def prompts_from_texts(tokenizer, texts: list[str], n: int, max_tokens: int) -> 
 
 
 @torch.no_grad()
-def step_time(model, prompt: torch.Tensor, steps: int) -> float:
-    """Median seconds of one cached single-token decode step after `prompt` [1, P]."""
-    seq = prompt.to(next(model.parameters()).device)
-    cache = prefill(model, seq)
-    tok = feed(model, seq, cache)[-1:].argmax(-1, keepdim=True)  # [1, 1]; warm-up, the cache now holds seq
-    times = []
+def cost_ratio(draft, target, prompt: torch.Tensor, steps: int) -> float:
+    """c: median time of a cached single-token draft step / the same for the target, after `prompt` [1, P].
+    The two models' steps alternate, so a change of machine load affects both alike."""
+    seq = prompt.to(next(target.parameters()).device)
+    caches, toks, times = {}, {}, {"draft": [], "target": []}
+    for name, model in (("draft", draft), ("target", target)):
+        caches[name] = prefill(model, seq)
+        toks[name] = feed(model, seq, caches[name])[-1:].argmax(-1, keepdim=True)  # [1, 1]; warm-up
     for _ in range(steps):
-        t0 = time.perf_counter()
-        tok = model(tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        _sync(seq.device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, model in (("draft", draft), ("target", target)):
+            _, dt = _timed(lambda: model(toks[name], cache=caches[name], use_cache=True), seq.device)
+            times[name].append(dt)
+    return statistics.median(times["draft"]) / statistics.median(times["target"])
 
 
 def _sync(device: torch.device) -> None:
@@ -95,7 +96,10 @@ def _timed(fn, device):
 
 def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                          progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """The report of the module doc for `draft` proposing to `target` on `prompts` (each [1, P])."""
+    """The report of the module doc for `draft` proposing to `target` on `prompts` (each [1, P]).
+
+    Per prompt, target-only decoding and each gamma run back to back, so slow drifts of machine load
+    affect all of them alike."""
     from llmcompress.speculative.draft_init import check_compatible
 
     check_compatible(target, draft)
@@ -103,56 +107,47 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     device = next(target.parameters()).device
     eos = getattr(getattr(target, "tokenizer", None), "eos_token_id", None)
     prompts = [p[:, : cfg.prompt_tokens] for p in prompts[: cfg.prompts]]
-    total = len(prompts) * (1 + len(cfg.gammas))
-    done = 0
+    runs = 1 + len(cfg.gammas) * (2 if cfg.compare_hf else 1)
 
-    def tick(label):
-        nonlocal done
-        done += 1
-        if progress:
-            progress(label, done, total)
-
-    def gen(seed):
-        return torch.Generator(device="cpu").manual_seed(seed)
+    def gen(i):
+        return torch.Generator(device="cpu").manual_seed(cfg.seed + i)
 
     target_decode(target, prompts[0], 2)  # warm-up (allocator, kernels)
     speculative_decode(target, draft, prompts[0], 2, gamma=1)
-    base_out, base_time = [], 0.0
+    c = cost_ratio(draft, target, prompts[0], cfg.cost_steps)
+    base_time, new_tokens = 0.0, 0
+    spec = {g: {"stats": DecodeStats(gamma=g), "seconds": 0.0, "identical": True, "hf_seconds": 0.0,
+                "hf_identical": True} for g in cfg.gammas}
     for i, p in enumerate(prompts):
-        (out, _), dt = _timed(lambda: target_decode(target, p, cfg.new_tokens, cfg.temperature, gen(cfg.seed + i),
-                                                    eos), device)
-        base_out.append(out.cpu())
+        (ref, _), dt = _timed(lambda: target_decode(target, p, cfg.new_tokens, cfg.temperature, gen(i), eos), device)
         base_time += dt
-        tick("speculative: target alone")
-    new_tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(base_out, prompts))
-    c = step_time(draft, prompts[0], cfg.cost_steps) / step_time(target, prompts[0], cfg.cost_steps)
-    rows = []
-    for gamma in cfg.gammas:
-        stats, spec_time, identical = DecodeStats(gamma=gamma), 0.0, True
-        for i, p in enumerate(prompts):
-            (out, st), dt = _timed(lambda: speculative_decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature,
-                                                              gen(cfg.seed + i), eos), device)
-            stats = stats.merge(st)
-            spec_time += dt
-            identical &= torch.equal(out.cpu(), base_out[i])
-            tick(f"speculative: gamma {gamma}")
-        alpha = min(max(stats.alpha, 0.0), 1.0)
-        rows.append(stats.as_dict() | {
-            "expected_tau": metrics.expected_tokens(alpha, gamma),
-            "predicted_speedup": metrics.speedup(alpha, gamma, c),
-            "measured_speedup": base_time / spec_time,
-            "seconds": spec_time,
-            "identical_output": identical if cfg.temperature == 0 else None,  # sampling: equal only in law
-        })
-        if cfg.compare_hf:
-            hf_time, hf_identical = 0.0, True
-            for i, p in enumerate(prompts):
+        new_tokens += ref.shape[1] - p.shape[1]
+        for gamma, r in spec.items():
+            (out, st), dt = _timed(lambda: speculative_decode(target, draft, p, cfg.new_tokens, gamma,
+                                                              cfg.temperature, gen(i), eos), device)
+            r["stats"], r["seconds"] = r["stats"].merge(st), r["seconds"] + dt
+            r["identical"] &= torch.equal(out, ref)
+            if cfg.compare_hf:
                 out, dt = _timed(lambda: hf_assisted_decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature,
                                                             eos), device)
-                hf_time += dt
-                hf_identical &= torch.equal(out.cpu(), base_out[i])
-            rows[-1] |= {"hf_seconds": hf_time, "hf_measured_speedup": base_time / hf_time,
-                         "hf_identical_output": hf_identical if cfg.temperature == 0 else None}
+                r["hf_seconds"] += dt
+                r["hf_identical"] &= torch.equal(out, ref)
+        if progress:
+            progress("speculative decoding", (i + 1) * runs, len(prompts) * runs)
+    rows = []
+    greedy = cfg.temperature == 0  # sampling: outputs agree in law only, not token for token
+    for gamma, r in spec.items():
+        alpha = min(max(r["stats"].alpha, 0.0), 1.0)
+        rows.append(r["stats"].as_dict() | {
+            "expected_tau": metrics.expected_tokens(alpha, gamma),
+            "predicted_speedup": metrics.speedup(alpha, gamma, c),
+            "measured_speedup": base_time / r["seconds"],
+            "seconds": r["seconds"],
+            "identical_output": r["identical"] if greedy else None,
+        })
+        if cfg.compare_hf:
+            rows[-1] |= {"hf_seconds": r["hf_seconds"], "hf_measured_speedup": base_time / r["hf_seconds"],
+                         "hf_identical_output": r["hf_identical"] if greedy else None}
     alpha = sum(r["alpha"] for r in rows) / len(rows)
     return {
         "draft_layers": len(draft.model.layers),
@@ -166,10 +161,12 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
         "alpha": alpha,
         "optimal_gamma_predicted": metrics.optimal_gamma(alpha, c),
         "gammas": rows,
-        "protocol": (f"batch 1, {'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'}, "
+        "threads": torch.get_num_threads(),
+        "protocol": (f"batch 1, {'greedy' if greedy else f'temperature {cfg.temperature}'}, "
                      f"{len(prompts)} held-out prompts of <= {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens "
-                     "each; wall-clock includes prefill; c = median cached decode-step time draft/target; "
-                     "alpha = mean sum min(p, q) (greedy: argmax agreement) on the decoded path"),
+                     "each, target alone and every gamma back to back per prompt; wall-clock includes prefill; "
+                     "c = median cached decode-step time draft/target (alternating); alpha = mean sum min(p, q) "
+                     "(greedy: argmax agreement) on the decoded path"),
     }
 
 
@@ -188,5 +185,5 @@ def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
     return {"draft": draft_spec, "draft_init_layers": getattr(draft, "init_layers", None)} | report
 
 
-__all__ = ["SpecEvalConfig", "evaluate_draft", "evaluate_speculative", "parse_gammas", "prompts_from_texts",
-           "step_time"]
+__all__ = ["SpecEvalConfig", "cost_ratio", "evaluate_draft", "evaluate_speculative", "parse_gammas",
+           "prompts_from_texts"]
