@@ -8,10 +8,10 @@ Continuations come from (`data`):
   on-policy  sampled from the current draft     (student-generated)
   mixture    on-policy with probability `mixture` (lambda) per batch, fixed text otherwise
 Target signals (`online`):
-  online     the frozen target runs inside every step on the batch: full logits, plus the hidden state the
-             LM head reads (the last decoder layer's output); loss = divergence (fkl = soft cross-entropy
-             minus the target's entropy, same gradient) + `feature_weight` * SmoothL1(proj(h_draft), h_target),
-             proj a learned linear map when the widths differ
+  online     the frozen target runs inside every step on the batch: full logits, plus the features the
+             LM head reads (the last decoder layer's output after the final norm); loss = divergence
+             (fkl = soft cross-entropy minus the target's entropy, same gradient)
+             + `feature_weight` * SmoothL1(proj(h_draft), h_target), proj a learned linear map when widths differ
   offline    target log-probs of the (draft-independent) fixed or target-generated sequences are computed
              once and kept as top-k (`offline_topk`); the tail mass is spread evenly over the other tokens
 Budget: `steps` and/or `tokens` (continuation tokens trained on). Every `checkpoint_every` steps the
@@ -103,6 +103,11 @@ def expand_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torc
     return out.scatter(-1, indices, values)
 
 
+def lm_head_input(model, out) -> torch.Tensor:
+    """The features the LM head reads: the last decoder layer's output after the final norm. -> [B, S, D]"""
+    return model.model.norm(out.hidden_states[-1])
+
+
 def feature_loss(draft_h: torch.Tensor, target_h: torch.Tensor, mask: torch.Tensor, proj) -> torch.Tensor:
     """SmoothL1 between projected draft features and target features on masked positions. [B, S, D] -> scalar"""
     return F.smooth_l1_loss(proj(draft_h[mask].float()), target_h[mask].float())
@@ -181,8 +186,8 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
             loss = divergences.divergence_loss(cfg.divergence, t_out.logits, d_out.logits, mask, cfg.temperature)
             div = loss.item()
             if cfg.feature_weight > 0:
-                loss = loss + cfg.feature_weight * feature_loss(d_out.hidden_states[-1], t_out.hidden_states[-1],
-                                                                mask, proj)
+                feats = lm_head_input(draft, d_out), lm_head_input(target, t_out)  # [B, S, Dd], [B, S, Dt]
+                loss = loss + cfg.feature_weight * feature_loss(*feats, mask, proj)
         else:
             # log-probs serve as logits: softmax(log p / T) is the target's distribution at temperature T
             logp = expand_topk(offline[0][idx], offline[1][idx], target.config.vocab_size).to(device)
