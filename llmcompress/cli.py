@@ -420,6 +420,97 @@ def _render_profile(table, cost_model, graph) -> None:
                           f"KV cache {p['kv_bytes'] / 2**20:.1f} MiB", highlight=False)
 
 
+# ----------------------------------------------------------------------------- prune / quantize (one-shot)
+def _oneshot(model: str, out: Path, overwrite: bool, dtype: str, device: str, data: str, field: str,
+             heldout_rows: int, cfg, needs_data: bool, check, apply) -> None:
+    """Load, check(graph, cfg), calibrate on --data, apply(graph, tokens, cfg, progress), save to out."""
+    from llmcompress.data import Corpus, DataConfig
+    from llmcompress.models import load, save
+    from llmcompress.models.loading import cache_dir
+    from llmcompress.pipeline.run import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    _check_new_file(out, overwrite)
+    graph = load(model, dtype=DTYPES[dtype], device=device)
+    check(graph, cfg)
+    tokens = None
+    if needs_data:
+        corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=cfg.seq_len),
+                        graph.tokenizer, teacher=graph, cache=cache_dir())
+        tokens = corpus.train_batches(cfg.num_samples, cfg.seq_len)
+    with progress_bar() as update:
+        report = apply(graph, tokens, cfg, update)
+    save(graph, out, overwrite=overwrite)
+    out_console.print(", ".join(f"{k}: {v}" for k, v in report.items()), highlight=False)
+    console.print(f"compressed-tensors checkpoint written to {out}")
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")],
+    method: Annotated[str, typer.Option(help="sparsegpt, wanda or magnitude")] = "sparsegpt",
+    pattern: Annotated[str, typer.Option(help="n:m (keep n of every m: 2:4, 4:8) or a pruned ratio (0.5)")] = "2:4",
+    data: Annotated[str, typer.Option(help="calibration text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
+    field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are never used")] = 200,
+    num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per layer forward")] = 8,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT columns per block")] = 128,
+    percdamp: Annotated[float, typer.Option(help="Hessian damping (fraction of its mean diagonal)")] = 0.01,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """One-shot pruning (SparseGPT, Wanda or magnitude), calibrated layer by layer; 2:4 saves as sparse-24-bitmask."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.oneshot import PruneConfig, check_prunable, prune_model
+
+        cfg = PruneConfig(method=method, pattern=pattern, num_samples=num_samples, seq_len=seq_len,
+                          batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
+        _oneshot(model, out, overwrite, dtype, device, data, field, heldout_rows, cfg, method != "magnitude",
+                 check_prunable, prune_model)
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="'default', a model folder (a 2:4 one gives 2:4+int4), .gguf or hub id")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")],
+    scheme: Annotated[str, typer.Option(help="w4a16 (int4 groups), w8a16 or w8a8 (int8 per channel)")] = "w4a16",
+    method: Annotated[str, typer.Option(help="gptq or rtn")] = "gptq",
+    group_size: Annotated[int, typer.Option(help="int4 columns per scale: 32, 64 or 128")] = 128,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="int4 zero point")] = True,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: columns by decreasing Hessian diagonal")] = False,
+    smoothquant_alpha: Annotated[Optional[float], typer.Option(help="w8a8: SmoothQuant strength, e.g. 0.5")] = None,
+    data: Annotated[str, typer.Option(help="calibration text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
+    field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are never used")] = 200,
+    num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per layer forward")] = 8,
+    blocksize: Annotated[int, typer.Option(help="GPTQ columns per block")] = 128,
+    percdamp: Annotated[float, typer.Option(help="Hessian damping (fraction of its mean diagonal)")] = 0.01,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """One-shot weight quantization (GPTQ or RTN; W8A8 with optional SmoothQuant), saved as compressed-tensors."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.oneshot import QuantizeConfig, check_quantizable, quantize_model
+
+        cfg = QuantizeConfig(scheme=scheme, method=method, group_size=group_size, symmetric=symmetric,
+                             act_order=act_order, smoothquant_alpha=smoothquant_alpha, num_samples=num_samples,
+                             seq_len=seq_len, batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
+        _oneshot(model, out, overwrite, dtype, device, data, field, heldout_rows, cfg,
+                 method == "gptq" or smoothquant_alpha is not None, check_quantizable, quantize_model)
+
+
 def main() -> None:
     app()
 

@@ -14,14 +14,28 @@ from torch import nn
 
 from llmcompress.kernels.int8 import quantize_int8, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul, w8a16_matmul_ref
 from llmcompress.kernels.sparse24_matmul import sparse24_matmul, sparse24_matmul_ref
-from llmcompress.kernels.sparse24_pack import compress_24, compress_24_ref, decompress_24_ref, meta_cols, prune_24
+from llmcompress.kernels.sparse24_pack import (
+    compress_24,
+    compress_24_ref,
+    decompress_24_ref,
+    meta_cols,
+    pack_meta,
+    prune_24,
+)
 from llmcompress.kernels.sparse24_w4a16 import (
     dequantize_sparse24_int4,
     quantize_sparse24_int4,
     sparse24_w4a16_matmul,
     sparse24_w4a16_matmul_ref,
 )
-from llmcompress.kernels.w4a16 import check_group_size, dequantize_int4, quantize_int4, w4a16_matmul, w4a16_matmul_ref
+from llmcompress.kernels.w4a16 import (
+    check_group_size,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    w4a16_matmul,
+    w4a16_matmul_ref,
+)
 
 WEIGHT_FORMATS = ("dense", "sparse24", "int8", "w8a8", "int4", "sparse24_int4")
 
@@ -51,6 +65,10 @@ class Sparse24Linear(nn.Module):
         mod.values, mod.meta = compress_24(w.contiguous()) if w.is_cuda else compress_24_ref(w)
         _bias_buffer(mod, linear.bias)
         return mod
+
+    @property
+    def weight_format(self) -> str:
+        return "sparse24"
 
     def dequantize(self) -> torch.Tensor:
         return decompress_24_ref(self.values, self.meta)
@@ -124,6 +142,48 @@ class QuantLinear(nn.Module):
             mod.qweight, mod.meta, mod.scales, mod.zeros = quantize_sparse24_int4(w, group_size, symmetric)
         _bias_buffer(mod, linear.bias)
         return mod
+
+    @classmethod
+    def from_codes(
+        cls,
+        fmt: str,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Pack integer codes computed elsewhere (e.g. by GPTQ), bit for bit; the dtype is the scales'.
+
+        int4 / sparse24_int4: codes uint8 [N, K] in 0..15, scales [N, K/G] (G follows), zeros uint8
+        [N, K/G] or None (symmetric, zero code 8); sparse24_int4 also takes keep: bool [N, K] with
+        exactly 2 True in every group of 4 (the codes outside it are ignored).
+        int8 / w8a8: codes int8 [N, K], scales [N].
+        """
+        if fmt not in _OPS:
+            raise ValueError(f"unknown quantized format {fmt!r}; choose one of {sorted(_OPS)}")
+        n, k = codes.shape
+        group_size = k // scales.shape[1] if _OPS[fmt][3] else 128
+        mod = cls(k, n, fmt, group_size, zeros is None, False, scales.dtype, "meta")
+        if fmt in ("int8", "w8a8"):
+            mod.qweight, mod.scale = codes.to(torch.int8).contiguous(), scales.contiguous()
+        elif fmt == "int4":
+            mod.qweight, mod.scales, mod.zeros = pack_int4(codes), scales.contiguous(), zeros
+        else:
+            if keep is None or keep.shape != codes.shape:
+                raise ValueError(f"sparse24_int4 needs keep: a bool [N, K] 2:4 mask of shape {tuple(codes.shape)}")
+            g = keep.reshape(n, k // 4, 4)
+            if not bool((g.sum(-1) == 2).all()):
+                raise ValueError("keep is not a 2:4 mask: every group of 4 along K must keep exactly 2 weights")
+            pos = torch.arange(4, device=keep.device).expand(n, k // 4, 4)[g].reshape(n, k // 4, 2)
+            mod.qweight, mod.meta = pack_int4(codes[keep].reshape(n, k // 2)), pack_meta(pos)
+            mod.scales, mod.zeros = scales.contiguous(), zeros
+        _bias_buffer(mod, bias)
+        return mod
+
+    @property
+    def weight_format(self) -> str:
+        return self.fmt
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight [N, K] the layer multiplies by."""

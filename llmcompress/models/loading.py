@@ -111,15 +111,21 @@ def _graph_from_dir(path: Path, dtype: torch.dtype, device: str) -> ModelGraph:
 
     raw = json.loads((path / "config.json").read_text())
     if raw.get("model_type") == "nemotron-nas":
-        config = LlmcNasConfig(**{k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
+        skip = ("auto_map", "architectures", "quantization_config")
+        config = LlmcNasConfig(**{k: v for k, v in raw.items() if k not in skip})
     else:
         config = config_from_hf(AutoConfig.from_pretrained(str(path)))
     state = _state_dict_from_dir(path)
-    return _graph_from_state(config, state, dtype, device)
+    return _graph_from_state(config, state, dtype, device, raw.get("quantization_config"))
 
 
-def _graph_from_state(config: LlmcNasConfig, state: dict, dtype: torch.dtype, device: str) -> ModelGraph:
+def _graph_from_state(config: LlmcNasConfig, state: dict, dtype: torch.dtype, device: str,
+                      quantization_config: dict | None = None) -> ModelGraph:
     graph = build(config, dtype=dtype, device="meta")
+    if quantization_config:  # compressed-tensors checkpoint: our kernel modules replace its linears
+        from llmcompress.models.compressed import prepare_compressed
+
+        state = prepare_compressed(graph, quantization_config, state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = graph.load_state_dict(state, strict=False, assign=True)
@@ -271,8 +277,12 @@ def save(graph: ModelGraph, out: str | Path, overwrite: bool = False, tokenizer=
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(graph, "tokenizer", None)
     out = Path(out)
+    from llmcompress.models.compressed import is_compressed, save_compressed
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if is_homogeneous_parent_layout(graph):
+        if is_compressed(graph):  # compressed-tensors format (sparse / quantized linears)
+            save_compressed(graph, tmp, is_homogeneous_parent_layout(graph))
+        elif is_homogeneous_parent_layout(graph):
             from transformers import AutoModelForCausalLM
 
             cfg = llama_config_of(graph)
