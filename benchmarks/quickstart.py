@@ -21,7 +21,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
     ap.add_argument("--output", default=str(ROOT / "runs" / "bench-quickstart"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
     overrides = [f"output={args.output}", f"data.source={data}"] + args.set
     recipe, base = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)

@@ -81,8 +81,8 @@ def llama_config_of(graph: ModelGraph):
         num_hidden_layers=len(graph.model.layers), num_attention_heads=b.attention.num_heads,
         num_key_value_heads=b.attention.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
         max_position_embeddings=c.max_position_embeddings, attention_bias=c.attention_bias,
-        mlp_bias=c.mlp_bias, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        mlp_bias=c.mlp_bias, tie_word_embeddings=c.tie_word_embeddings,
+        **{k: getattr(c, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
     if c.attention_bias and not c.mlp_bias:
         from transformers import Qwen2Config  # q/k/v bias without o_proj bias is Qwen2's layout
