@@ -10,7 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.llmcompress-installed
 # the quickstart's data: the project's shared corpus when it is beside the checkout, else text
 # sampled from the model itself
-DEMO_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data/calib_wikihow.jsonl) synthetic)
+SHARED_DATA := $(wildcard $(CURDIR)/../shared/data/calib_wikihow.jsonl)
+DEMO_DATA ?= $(if $(SHARED_DATA),$(SHARED_DATA),synthetic)
+# without the shared folder there is no multiple-choice task file either: the demo then skips lm-eval
+DEMO_SET ?= $(if $(SHARED_DATA),,--set stages.eval_teacher.tasks=[] --set stages.eval_pruned.tasks=[])
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast bench clean
@@ -25,7 +28,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/llmcompress run recipes/quickstart.yaml --set data.source=$(DEMO_DATA)
+	$(VENV)/bin/llmcompress run recipes/quickstart.yaml --set data.source=$(DEMO_DATA) $(DEMO_SET)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
