@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llmcompress.oneshot.hessian import inverse_cholesky, prepare_hessian
+from llmcompress.oneshot.hessian import inverse_cholesky, prepare_hessian, serial_on_cpu
 from llmcompress.oneshot.rtn import Quantized, QuantSpec, qparams, quantize
 
 
@@ -41,24 +41,27 @@ def gptq_quantize(
         W_, keep, H = W_[:, perm], keep[:, perm], H[perm][:, perm]
     elif G < K:
         blocksize = max(blocksize // G, 1) * G  # a group never straddles two blocks
-    U = inverse_cholesky(H, percdamp)  # [K, K], in processing order
-    codes = torch.zeros(N, K, device=W.device)  # processing order
-    for i1 in range(0, K, blocksize):
-        i2 = min(i1 + blocksize, K)
-        W1, U1 = W_[:, i1:i2].clone(), U[i1:i2, i1:i2]  # [N, B], [B, B]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            g = int(perm[i1 + i]) // G
-            if not act_order and (i1 + i) % G == 0:  # first column of a group: its scales, from W as updated
-                src = W1[:, i:i + G] if G < K else W_
-                scale[:, g], zero[:, g] = qparams(src * keep[:, i1 + i:i1 + i + G], spec, W.dtype)
-            s, z = scale[:, g], zero[:, g]
-            w = W1[:, i]
-            c = torch.where(keep[:, i1 + i], quantize(w, s, z, spec), z)  # [N]
-            q = ((c - z) * s).to(W.dtype).float()  # what the kernel multiplies by
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            codes[:, i1 + i], Err1[:, i] = c, err
-        W_[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    with serial_on_cpu(W.device):
+        U = inverse_cholesky(H, percdamp)  # [K, K], in processing order
+        masked, group_of = not bool(keep.all()), (perm // G).tolist()
+        codesT = torch.zeros(K, N, device=W.device)  # processing order, row c = codes of column c
+        for i1 in range(0, K, blocksize):
+            i2 = min(i1 + blocksize, K)
+            W1, U1 = W_[:, i1:i2].clone(), U[i1:i2, i1:i2]  # [N, B], [B, B]
+            ErrT = torch.zeros(i2 - i1, N, device=W.device)  # [B, N]: row i = column i's scaled error
+            for i in range(i2 - i1):
+                c, g = i1 + i, group_of[i1 + i]
+                if not act_order and c % G == 0:  # first column of a group: its scales, from W as updated
+                    src = W1[:, i:i + G] if G < K else W_
+                    scale[:, g], zero[:, g] = qparams(src * keep[:, c:c + G], spec, W.dtype)
+                s, z = scale[:, g], zero[:, g]
+                w = W1[:, i]
+                codesT[c] = quantize(w, s, z, spec)
+                if masked:
+                    codesT[c] = torch.where(keep[:, c], codesT[c], z)
+                q = (codesT[c] - z).mul_(s).to(W.dtype).float()  # what the kernel multiplies by
+                torch.sub(w, q, out=ErrT[i]).div_(U1[i, i])
+                W1[:, i:].addr_(ErrT[i], U1[i, i:], alpha=-1)
+            W_[:, i2:].addmm_(ErrT.T, U[i1:i2, i2:], alpha=-1)
+    codes = codesT.T[:, torch.argsort(perm)]  # back to the original column order
     return Quantized.from_grid(codes, scale, zero, spec, W.dtype)

@@ -1,6 +1,10 @@
-"""The damped inverse Hessian that the OBS solvers (SparseGPT, GPTQ) share."""
+"""What the OBS solvers (SparseGPT, GPTQ) share: the damped inverse Hessian, and running their column
+loops on one CPU thread."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -35,3 +39,21 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
         "the input Hessian is not positive definite even with 1000x damping; use more calibration "
         "samples or a larger percdamp"
     )
+
+
+@contextmanager
+def serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the body on one intra-op thread when on CPU (then restore the setting).
+
+    The column loops issue thousands of vector-sized ops; on CPU, intra-op threads only add
+    synchronisation (a 1536 x 576 layer: 0.15 s on one thread, 5 s on two busy cores).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

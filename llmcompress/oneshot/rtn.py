@@ -70,7 +70,7 @@ def qparams(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes (as fp32 integers) of w on the grid (scale, zero), broadcast elementwise."""
     lo, hi = spec.qrange
-    return (torch.round(w.float() / scale) + zero).clamp(lo, hi)
+    return torch.round(w.float() / scale).add_(zero).clamp_(lo, hi)
 
 
 @dataclass
