@@ -36,8 +36,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
+bench: setup  # one at a time: two benchmarks on two cores disturb each other
 	$(PY) benchmarks/quickstart.py
+	$(PY) benchmarks/cost_model.py --threads 1 --clock process
+	-$(PY) benchmarks/kernels.py  # needs a CUDA GPU; exits 2 without one
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -17,12 +17,14 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402  (shared with the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv/o-like, up/gate, down
@@ -94,15 +96,6 @@ def markdown(report: dict) -> str:
             f"{r.get('speedup', float('nan')):.2f}x | {err} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
-        return sha.strip()[:12] + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def import_kernels():
