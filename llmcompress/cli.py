@@ -76,13 +76,10 @@ def _setup(verbose: bool) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        try:
-            import datasets
+        import datasets
 
-            datasets.disable_progress_bars()
-            datasets.logging.set_verbosity_error()
-        except ImportError:
-            pass
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 def _check_new_file(path: Optional[Path], overwrite: bool) -> None:

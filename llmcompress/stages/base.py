@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -35,7 +36,7 @@ class StageContext:
         return self._cache["teacher"]
 
 
-class Stage(BaseModel):
+class Stage(BaseModel, ABC):
     """Base of all stages. Subclasses add their fields and set `type` to a Literal of their name."""
 
     model_config = ConfigDict(extra="forbid")
@@ -47,5 +48,6 @@ class Stage(BaseModel):
     def label(self) -> str:
         return self.name or self.type  # type: ignore[attr-defined]
 
-    def run(self, graph, ctx: StageContext) -> tuple[object, dict]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, graph, ctx: StageContext) -> tuple[object, dict]:
+        """Return the (possibly changed) graph and a JSON-ready report."""
