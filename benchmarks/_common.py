@@ -34,9 +34,9 @@ def machine() -> dict:
     return info
 
 
-def write_results(name: str, report: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+def write_results(name: str, report: dict, markdown: str, out: Path = RESULTS) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{name}.json", out / f"{name}.md"
     js.write_text(json.dumps(report, indent=2) + "\n")
     md.write_text(markdown)
     return js, md

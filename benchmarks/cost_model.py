@@ -14,7 +14,6 @@ Writes benchmarks/results/cost_model-<device>.json and .md. Target: every predic
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_commit  # noqa: E402  (shared with the other benchmarks)
+from _common import git_commit, write_results  # noqa: E402  (shared with the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_PCT = 15.0
@@ -204,11 +203,8 @@ def main(argv=None) -> int:
         print("--device cuda asked, but CUDA is not available here", file=sys.stderr)
         return 2
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cost_model-{'cpu' if args.device == 'cpu' else 'cuda'}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md ({report['wall_s']} s)", file=sys.stderr)
+    js, md = write_results(f"cost_model-{'cpu' if args.device == 'cpu' else 'cuda'}", report, markdown(report), args.out)
+    print(f"wrote {js} and {md} ({report['wall_s']} s)", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import re
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_commit  # noqa: E402  (shared with the other benchmarks)
+from _common import git_commit, write_results  # noqa: E402  (shared with the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv/o-like, up/gate, down
@@ -283,11 +282,8 @@ def main(argv=None) -> int:
         print("benchmarks/kernels.py needs a CUDA GPU and none is available; nothing was measured.", file=sys.stderr)
         return 2
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels-{gpu_slug(report['gpu'])}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md ({report['settings']['wall_s']} s)")
+    js, md = write_results(f"kernels-{gpu_slug(report['gpu'])}", report, markdown(report), args.out)
+    print(f"wrote {js} and {md} ({report['settings']['wall_s']} s)")
     return 0
 
 
