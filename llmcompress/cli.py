@@ -447,8 +447,15 @@ def _oneshot(model: str, out: Path, overwrite: bool, dtype: str, device: str, da
 def prune(
     model: Annotated[str, typer.Argument(help="'default', a model folder, a .gguf file or a hub id")],
     out: Annotated[Path, typer.Option(help="checkpoint folder to write")],
-    method: Annotated[str, typer.Option(help="sparsegpt, wanda or magnitude")] = "sparsegpt",
+    method: Annotated[str, typer.Option(help="sparsegpt, wanda, magnitude, or ziplm (structured, to speed-up "
+                                             "targets)")] = "sparsegpt",
     pattern: Annotated[str, typer.Option(help="n:m (keep n of every m: 2:4, 4:8) or a pruned ratio (0.5)")] = "2:4",
+    speedups: Annotated[str, typer.Option(help="ziplm: target speed-ups, e.g. 1.25,1.5,2.0")] = "1.25,1.5,2.0",
+    metric: Annotated[str, typer.Option(help="ziplm: the latency the speed-ups refer to, decode or prefill")]
+    = "decode",
+    cost_table: Annotated[Optional[Path], typer.Option(help="ziplm: cost table of the target device (llmcompress "
+                                                            "profile); default: profile the model here first")] = None,
+    refine: Annotated[int, typer.Option(help="ziplm: rounds of measuring each model and correcting its budget")] = 1,
     data: Annotated[str, typer.Option(help="calibration text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
     field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
     heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are never used")] = 200,
@@ -462,15 +469,64 @@ def prune(
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """One-shot pruning (SparseGPT, Wanda or magnitude), calibrated layer by layer; 2:4 saves as sparse-24-bitmask."""
+    """One-shot pruning (SparseGPT, Wanda or magnitude), calibrated layer by layer; 2:4 saves as sparse-24-bitmask.
+    With --method ziplm: structured pruning to every --speedups target, one checkpoint per target under --out."""
     _setup(verbose)
     with user_errors():
+        if method == "ziplm":
+            _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
+                   percdamp, speedups, metric, cost_table, refine)
+            return
         from llmcompress.oneshot import PruneConfig, check_prunable, prune_model
 
         cfg = PruneConfig(method=method, pattern=pattern, num_samples=num_samples, seq_len=seq_len,
                           batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
         _oneshot(model, out, overwrite, dtype, device, data, field, heldout_rows, cfg, method != "magnitude",
                  check_prunable, prune_model)
+
+
+def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
+           percdamp, speedups, metric, cost_table, refine) -> None:
+    from llmcompress.data import Corpus, DataConfig
+    from llmcompress.hardware.profile import load_table, save_table
+    from llmcompress.models import load
+    from llmcompress.models.loading import cache_dir
+    from llmcompress.pipeline.run import DTYPES
+    from llmcompress.prune.ziplm_family import ZipLMConfig, profile_for, run_ziplm
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        targets = [float(x) for x in speedups.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--speedups {speedups!r} must be comma-separated numbers, e.g. 1.25,1.5,2.0") from None
+    cfg = ZipLMConfig(speedups=targets, metric=metric, num_samples=num_samples, seq_len=seq_len,
+                      batch_size=batch_size, percdamp=percdamp, refine=refine)
+    if out.exists() and any(out.iterdir()) and not overwrite and not (out / "database").exists():
+        raise FileExistsError(f"{out} exists and is not a ZipLM output; pass --overwrite or choose another folder")
+    table = load_table(cost_table) if cost_table is not None else None
+    graph = load(model, dtype=DTYPES[dtype], device=device)
+    text = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows), graph.tokenizer, teacher=graph,
+                  cache=cache_dir())
+    tokens = text.train_batches(cfg.num_samples, cfg.seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bar() as update:
+        if table is None:
+            if (out / "cost_table.json").exists():
+                table = load_table(out / "cost_table.json")
+            else:
+                table = profile_for(graph, cfg, progress=update)
+                save_table(table, out / "cost_table.json", overwrite=True)
+        _, report = run_ziplm(graph, tokens, cfg, table, out, progress=update)
+    _write_json_atomic(out / "report.json", report)
+    t = Table(title=f"ZipLM on {report['device']} ({metric}, batch {cfg.batch})", title_justify="left")
+    for col in ("target", "predicted", "measured", "params", "checkpoint"):
+        t.add_column(col, justify="right")
+    for m in report["models"]:
+        meas = f"{m['measured_speedup']:.2f}x" if m["measured_speedup"] else "-"
+        t.add_row(f"{m['target_speedup']:g}x", f"{m['predicted_speedup']:.2f}x", meas, f"{m['params']:,}",
+                  m["checkpoint"])
+    out_console.print(t)
 
 
 @app.command()
@@ -506,6 +562,149 @@ def quantize(
                              seq_len=seq_len, batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
         _oneshot(model, out, overwrite, dtype, device, data, field, heldout_rows, cfg,
                  method == "gptq" or smoothquant_alpha is not None, check_quantizable, quantize_model)
+
+
+# ----------------------------------------------------------------------------- distill --recover
+@app.command()
+def distill(
+    recover: Annotated[Optional[str], typer.Option(help="the compressed model to recover (written by prune / "
+                                                        "quantize); masks and weight formats are kept")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="checkpoint folder to write")] = None,
+    teacher: Annotated[str, typer.Option(help="the dense model it was compressed from")] = "default",
+    quantizer: Annotated[str, typer.Option(help="int4 layers: ste (learnable scales) or differentiable "
+                                                "(learnable levels, re-fitted to the int4 grid)")] = "ste",
+    local_steps: Annotated[Optional[int], typer.Option(help="steps per decoder layer (0: no local phase)")] = 50,
+    local_tokens: Annotated[Optional[int], typer.Option(help="tokens per decoder layer (budget)")] = None,
+    global_steps: Annotated[Optional[int], typer.Option(help="end-to-end steps (0: no global phase)")] = 100,
+    global_tokens: Annotated[Optional[int], typer.Option(help="end-to-end tokens (budget)")] = None,
+    local_lr: float = 1e-4,
+    lr: Annotated[float, typer.Option(help="global phase learning rate")] = 1e-5,
+    local_inputs: Annotated[str, typer.Option(help="layer inputs: teacher or student (propagated)")] = "student",
+    temperature: Annotated[float, typer.Option(help="logit KL temperature")] = 1.0,
+    kl_weight: float = 1.0,
+    hidden_weight: Annotated[float, typer.Option(help="weight of the per-layer hidden-state loss")] = 0.1,
+    hidden_loss: Annotated[str, typer.Option(help="mse (relative) or cosine")] = "mse",
+    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
+    data: Annotated[str, typer.Option(help="training text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
+    field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are never used")] = 200,
+    num_samples: Annotated[int, typer.Option(help="training sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 512,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="training checkpoint folder (default: OUT-checkpoint); "
+                                                            "rerun the same command to resume")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Distillation from the dense teacher: --recover a pruned / quantized model (local per layer, then global)."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.data import Corpus, DataConfig
+        from llmcompress.models import load, save
+        from llmcompress.models.loading import cache_dir
+        from llmcompress.pipeline.run import DTYPES
+        from llmcompress.recover import RecoverConfig, check_recoverable, recover as recover_model
+
+        if recover is None:
+            raise UserError("give the compressed model to recover: --recover FOLDER (the output of prune or quantize)")
+        if out is None:
+            raise UserError("give the folder to write the recovered checkpoint to: --out FOLDER")
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        _check_new_file(out, overwrite)
+        cfg = RecoverConfig(quantizer=quantizer, local_steps=local_steps, local_tokens=local_tokens,
+                            global_steps=global_steps, global_tokens=global_tokens, local_lr=local_lr, lr=lr,
+                            local_inputs=local_inputs, temperature=temperature, kl_weight=kl_weight,
+                            hidden_weight=hidden_weight, hidden_loss=hidden_loss, batch_size=batch_size,
+                            num_samples=num_samples, seq_len=seq_len)
+        student = load(recover, dtype=DTYPES[dtype], device=device)
+        dense = load(teacher, dtype=DTYPES[dtype], device=device)
+        check_recoverable(student, dense, cfg)
+        corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),
+                        student.tokenizer, teacher=dense, cache=cache_dir())
+        tokens = corpus.train_batches(num_samples, seq_len)
+        checkpoint = checkpoint or out.with_name(out.name + "-checkpoint")
+        with progress_bar() as update:
+            report = recover_model(student, dense, tokens, cfg, checkpoint, update)
+        save(student, out, overwrite=overwrite)
+        out_console.print(f"KL to the teacher (first training batch): {report['kl_before']:.4f} -> "
+                          f"{report['kl_after']:.4f}; {report['tokens']:,} tokens trained", highlight=False)
+        console.print(f"recovered checkpoint written to {out} (training checkpoint: {checkpoint})")
+
+
+# ----------------------------------------------------------------------------- search (Puzzle)
+@app.command()
+def search(
+    method: Annotated[str, typer.Option(help="search method: puzzle")] = "puzzle",
+    model: Annotated[str, typer.Option(help="'default', a model folder, a .gguf file or a hub id")] = "default",
+    target_speedup: Annotated[float, typer.Option(help="predicted latency speed-up over MODEL to reach")] = 1.5,
+    metric: Annotated[str, typer.Option(help="the latency the speed-up is on: decode (batch 1) or prefill")]
+    = "decode",
+    data: Annotated[str, typer.Option(help="training text: .txt/.jsonl/.parquet, hf:NAME or synthetic")]
+    = "synthetic",
+    heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are held out")] = 200,
+    seq_len: Annotated[int, typer.Option(help="tokens per training window")] = 256,
+    cost_table: Annotated[Optional[Path], typer.Option(help="cost table from `llmcompress profile` (default: "
+                                                           "profile the blocks on --device)")] = None,
+    prompt_len: Annotated[int, typer.Option(help="deployment prompt length (profiling and prefill)")] = 512,
+    gen_len: Annotated[int, typer.Option(help="deployment generation length (profiling)")] = 128,
+    bld_tokens: Annotated[int, typer.Option(help="blockwise distillation tokens per block")] = 8192,
+    gkd_tokens: Annotated[int, typer.Option(help="global distillation tokens")] = 65536,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="measure perplexity and speed of the result")]
+    = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override KEY=VALUE of the generated recipe, "
+                                                      "e.g. stages.puzzle_bld.num_samples=32")] = None,
+    out: Annotated[Path, typer.Option(help="run folder; rerun the same command to resume")]
+    = Path("runs/search-puzzle"),
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: str = "cpu",
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder that is not a run of this tool"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Search a faster model under a latency budget (Puzzle: library, BLD, scoring, MIP, GKD); resumable."""
+    _setup(verbose)
+    with user_errors():
+        from llmcompress.pipeline import apply_overrides, run_recipe
+        from llmcompress.pipeline.recipe import Recipe
+        from llmcompress.stages.puzzle import search_recipe
+
+        if method != "puzzle":
+            raise UserError(f"--method {method!r} is not available; choose puzzle")
+        if metric not in ("decode", "prefill"):
+            raise UserError(f"--metric {metric!r} is not decode or prefill")
+        raw = search_recipe(model, data, str(out), target_speedup, device, dtype, metric,
+                            str(cost_table) if cost_table else None, bld_tokens, gkd_tokens, seq_len, heldout_rows,
+                            prompt_len, gen_len, evaluate)
+        rec = Recipe.model_validate(apply_overrides(raw, list(set_ or [])))
+
+        def on_stage(sr):
+            state = "[dim]skipped (unchanged)[/]" if sr.skipped else f"done in {sr.seconds:.1f}s"
+            console.print(f"[bold]{sr.label}[/]: {state}")
+
+        with progress_bar() as update:
+            result = run_recipe(rec, Path.cwd(), overwrite=overwrite, progress=update, on_stage=on_stage)
+        _render_search(next(s.report for s in result.stages if s.type == "puzzle_mip"))
+        if result.summary:
+            out_console.print((result.output / "summary.md").read_text(), highlight=False, markup=False)
+        console.print(f"model written to {next(s.folder for s in result.stages if s.type == 'gkd') / 'model'}")
+
+
+def _render_search(r: dict) -> None:
+    best = r["solutions"][0]
+    table = Table(title=f"Puzzle solution: {'; '.join(r['budgets'])}", title_justify="left")
+    for col in ("layer", "attention", "ffn"):
+        table.add_column(col, justify="right" if col == "layer" else "left")
+    for i, name in enumerate(best["blocks"]):
+        table.add_row(str(i), *name.split("+"))
+    out_console.print(table)
+    speed = best["predicted_speedup"]
+    line = (f"predicted speed-up: decode {speed['decode']:.2f}x, prefill {speed['prefill']:.2f}x; "
+            f"params {best['predicted']['params']:,}; score (sum of block KL) {best['score']:.4g}")
+    for name in ("greedy", "uniform"):
+        base = r.get(name)
+        line += f"; {name} " + (f"{base['score']:.4g}" if base and "score" in base else "infeasible")
+    out_console.print(line, highlight=False)
 
 
 def main() -> None:

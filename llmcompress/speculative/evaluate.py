@@ -65,6 +65,28 @@ def prompts_from_texts(tokenizer, texts: list[str], n: int, max_tokens: int) -> 
     return prompts
 
 
+def instruction_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int,
+                        instruction: str = "Summarise: ") -> torch.Tensor:
+    """Chat prompts asking `instruction` + document, each exactly `prompt_tokens` tokens long: the chat
+    template's tokens around the document's first tokens (documents too short are skipped).
+    -> [min(n, usable), prompt_tokens]"""
+    mark = "\u2063DOCUMENT\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": instruction + mark}],
+                                         add_generation_prompt=True, tokenize=False)
+    before, after = text.split(mark)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head, tail = enc(before), enc(after)
+    room = prompt_tokens - len(head) - len(tail)
+    if room < 16:
+        raise ValueError(f"prompt_tokens={prompt_tokens} leaves {room} tokens for the document: the chat frame "
+                         f"takes {len(head) + len(tail)}; use at least {len(head) + len(tail) + 16}")
+    rows = [head + ids[:room] + tail for ids in map(enc, texts) if len(ids) >= room][:n]
+    if not rows:
+        raise ValueError(f"no document has the {room} tokens that {prompt_tokens}-token prompts need; "
+                         "lower prompt_tokens")
+    return torch.tensor(rows)
+
+
 @torch.no_grad()
 def cost_ratio(draft, target, prompt: torch.Tensor, steps: int) -> float:
     """c: median time of a cached single-token draft step / the same for the target, after `prompt` [1, P].
@@ -185,5 +207,5 @@ def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
     return {"draft": draft_spec, "draft_init_layers": getattr(draft, "init_layers", None)} | report
 
 
-__all__ = ["SpecEvalConfig", "cost_ratio", "evaluate_draft", "evaluate_speculative", "parse_gammas",
+__all__ = ["SpecEvalConfig", "cost_ratio", "instruction_prompts", "evaluate_draft", "evaluate_speculative", "parse_gammas",
            "prompts_from_texts"]

@@ -48,13 +48,16 @@ class DistillConfig(BaseModel):
     online: bool = Field(True, description="target logits and features computed inside each step")
     offline_topk: int = Field(64, gt=0, description="target log-probs kept per token in offline mode")
     temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
-    gen_temperature: float = Field(1.0, gt=0, description="sampling temperature of generated continuations")
+    gen_temperature: float = Field(1.0, ge=0, description="sampling temperature of generated continuations "
+                                   "(0: greedy; greedy target continuations are generated once per prompt)")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="online: weight of the SmoothL1 feature loss")
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed: the draft "
+                                    "then only moves its layers and final norm, each step is cheaper")
     steps: int | None = Field(200, gt=0, description="stop after this many steps")
     tokens: int | None = Field(None, gt=0, description="stop after this many continuation tokens")
     eval_every: int = Field(50, gt=0)
@@ -116,12 +119,13 @@ def feature_loss(draft_h: torch.Tensor, target_h: torch.Tensor, mask: torch.Tens
 # ----------------------------------------------------------------------------- data
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, new_tokens: int, temperature: float, seed: int) -> torch.Tensor:
-    """Sample exactly `new_tokens` continuation tokens per prompt. [B, P] -> [B, P + new_tokens]"""
+    """Exactly `new_tokens` continuation tokens per prompt, sampled (temperature 0: greedy). [B, P] -> [B, P + new_tokens]"""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0)
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0, **sampling)
     return out
 
 
@@ -140,17 +144,24 @@ class _Identity(torch.nn.Module):
 
 def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.Tensor], cfg: DistillConfig,
                 out: Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Distil `draft` towards `target` in place. windows: [N, >= prompt_tokens + new_tokens] training tokens
-    (prompts are their first `prompt_tokens`; fixed continuations the next `new_tokens`). -> report."""
-    seq_len = cfg.prompt_tokens + cfg.new_tokens
+    """Distil `draft` towards `target` in place. windows: [N, S] training tokens: prompts are their first
+    `prompt_tokens`, fixed continuations the next `new_tokens` (S >= prompt_tokens, plus new_tokens for
+    fixed/mixture data). -> report."""
+    # generated continuations only need the prompts; fixed text needs prompt + continuation
+    seq_len = cfg.prompt_tokens + (cfg.new_tokens if cfg.data in ("fixed", "mixture") else 0)
     if windows.shape[1] < seq_len:
-        raise ValueError(f"training windows have {windows.shape[1]} tokens; prompt_tokens + new_tokens = {seq_len}")
+        raise ValueError(f"training windows have {windows.shape[1]} tokens; data {cfg.data!r} needs {seq_len} "
+                         f"(prompt_tokens {cfg.prompt_tokens}" + (f" + new_tokens {cfg.new_tokens})" if
+                                                                  seq_len > cfg.prompt_tokens else ")"))
     windows = windows[:, :seq_len]
     device = next(draft.parameters()).device
     target.eval().requires_grad_(False)
     dt, tt = draft.config.hidden_size, target.config.hidden_size
     proj = (torch.nn.Linear(dt, tt, bias=False) if dt != tt else _Identity()).to(device)
-    params = [p for p in draft.parameters()] + list(proj.parameters())
+    if cfg.freeze_embeddings:
+        draft.get_input_embeddings().requires_grad_(False)
+        draft.get_output_embeddings().requires_grad_(False)
+    params = [p for p in draft.parameters() if p.requires_grad] + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "tokens": 0, "history": [], "evals": []}
     ckpt = out / "checkpoint" if out is not None else None
@@ -167,6 +178,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
                (cfg.tokens is not None and state["tokens"] >= cfg.tokens)
 
     total = cfg.steps or -(-cfg.tokens // (cfg.batch_size * cfg.new_tokens))
+    greedy_pool: dict[int, torch.Tensor] = {}  # window index -> greedy target sequence [S]
     while not done():
         step = state["step"]
         idx = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed + step))[: cfg.batch_size]
@@ -174,6 +186,12 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         prompts = windows[idx, : cfg.prompt_tokens].to(device)
         if source == "fixed":
             seqs = windows[idx].to(device)
+        elif source == "target" and cfg.gen_temperature == 0:  # deterministic: generate each prompt once
+            todo = [i for i in idx.tolist() if i not in greedy_pool]
+            if todo:
+                made = generate(target, windows[todo, : cfg.prompt_tokens].to(device), cfg.new_tokens, 0.0, 0)
+                greedy_pool.update(zip(todo, made.cpu()))
+            seqs = torch.stack([greedy_pool[i] for i in idx.tolist()]).to(device)
         else:
             gen_model = target if source == "target" else draft.eval()
             seqs = generate(gen_model, prompts, cfg.new_tokens, cfg.gen_temperature, cfg.seed + step)

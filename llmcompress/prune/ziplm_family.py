@@ -1,0 +1,170 @@
+"""ZipLM end to end: one calibration pass, a family of models for several speed-up targets.
+
+1. Database: structured OBS levels per layer (`database.build_database`).
+2. Costs: the latency of every (layer part, level) from the cost table of the target device.
+3. Search: per target speed-up s, minimise the summed (normalised) error subject to
+       head + Σ_layers (attn + ffn - empty) <= dense / s        (exact DP over discretised time)
+4. Realise each choice (optionally re-running OBS on inputs propagated through the pruned layers).
+5. Optionally measure each realised model on this device and, when the measured speed-up misses the target,
+   rescale the budget by measured / requested and search again (`refine` rounds): the table predicts relative
+   costs well, the end-to-end run corrects what it misses (e.g. cache effects of the whole model).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmcompress.models.graph import ModelGraph, count_params
+from llmcompress.prune.database import Database, part_costs, part_errors, realise, realise_uniform
+from llmcompress.prune.search import KnapsackDP
+
+Progress = Callable[[str, int, int], None]
+
+
+class ZipLMConfig(BaseModel):
+    """The `ziplm` stage's recipe section and the CLI's options."""
+
+    model_config = ConfigDict(extra="forbid")
+    speedups: list[float] = Field(default_factory=lambda: [1.25, 1.5, 2.0], description="target speed-ups")
+    metric: Literal["decode", "prefill"] = Field("decode", description="latency the speed-up refers to")
+    batch: int = Field(1, gt=0, description="batch size of that latency (a batch of the cost table)")
+    num_samples: int = Field(64, gt=0, description="calibration sequences")
+    seq_len: int = Field(512, gt=1)
+    ffn_steps: int = Field(16, gt=0, description="FFN levels: parent size down to 0 in this many steps")
+    ffn_multiple: int = Field(32, gt=0, description="FFN sizes are multiples of this")
+    normalise: Literal["residual", "output", "none"] = "residual"
+    sequential: bool = Field(True, description="re-run OBS for each target on inputs propagated through the "
+                                               "already-pruned layers")
+    refine: int = Field(1, ge=0, description="rounds of measuring each model and rescaling its budget")
+    refine_tolerance: float = Field(0.03, ge=0, description="no refinement when measured is this close (relative)")
+    percdamp: float = Field(0.01, gt=0)
+    batch_size: int = Field(8, gt=0)
+    buckets: int = Field(20000, gt=100, description="resolution of the DP's time axis")
+
+    @field_validator("speedups")
+    @classmethod
+    def _speedups(cls, v):
+        if not v or any(s < 1 for s in v):
+            raise ValueError("speedups must be a non-empty list of numbers >= 1, e.g. [1.25, 1.5, 2.0]")
+        return sorted(v)
+
+
+def layer_choice(db: Database, solution: list[int]) -> list[tuple[int, int]]:
+    """DP option indices (attn, ffn per layer; levels in descending order) -> (KV groups, channels) per layer."""
+    attn, ffn = db.levels("attn"), db.levels("ffn")
+    return [(attn[i][solution[2 * i]], ffn[i][solution[2 * i + 1]]) for i in range(len(db.layers))]
+
+
+def measure_latency(graph: ModelGraph, metric: str, batch: int, table) -> float:
+    """ms of one decode step or one prefill, measured end to end with the table's settings and clock."""
+    from llmcompress.hardware.profile import measure_model
+
+    s = table.settings
+    t = measure_model(graph, batch=batch, prompt_len=s.prompt_len, gen_len=min(s.gen_len, 64), repeats=3,
+                      warmup=1, clock=s.clock)
+    return t[metric].median_ms
+
+
+def uniform_for_budget(db: Database, cfg, costs, constant: float, budget: float) -> tuple[int, int]:
+    """The uniform (KV groups, FFN channels) with most parameters whose predicted time meets the budget: keep
+    every head when the FFN alone can make it, else fewer KV groups."""
+    attn, ffn = db.levels("attn")[0], db.levels("ffn")[0]
+    layers = len(db.layers)
+    best = None
+    for ai, a in enumerate(attn):
+        for fi, f in enumerate(ffn):
+            t = constant + sum(costs[2 * i][ai] + costs[2 * i + 1][fi] for i in range(layers))
+            if t <= budget:
+                params = a * (cfg.num_attention_heads // cfg.num_key_value_heads + 1) * cfg.head_dim * 2 + 3 * f
+                if best is None or params > best[0]:
+                    best = (params, a, f)
+    if best is None:
+        raise ValueError("no uniform width meets the budget")
+    return best[1], best[2]
+
+
+def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, tokens: torch.Tensor | None = None,
+                 measure: bool = True, uniform: bool = False, progress: Progress | None = None
+                 ) -> list[dict]:
+    """One pruned model per target speed-up. -> [{speedup, model, predicted_speedup, measured_speedup, ...}]"""
+    costs, constant = part_costs(db, graph.config, cost_model, cfg.metric, cfg.batch)
+    errors = part_errors(db, cfg.normalise)
+    dp = KnapsackDP(costs, errors, cfg.buckets)
+    dense_pred = constant + sum(c[0] for c in costs)
+    dense_meas = measure_latency(graph, cfg.metric, cfg.batch, cost_model.table) if measure else None
+    results = []
+    for n, target in enumerate(cfg.speedups):
+        budget = dense_pred / target
+        rounds = []
+        for r in range(cfg.refine + 1 if measure else 1):
+            sol = dp.solve(budget - constant)
+            choice = layer_choice(db, sol.choice)
+            model = realise(graph, db, choice, tokens if cfg.sequential else None, cfg.batch_size)
+            pred = dense_pred / (constant + sol.cost)
+            meas = dense_meas / measure_latency(model, cfg.metric, cfg.batch, cost_model.table) if measure else None
+            rounds.append({"budget_ms": budget, "predicted_speedup": pred, "measured_speedup": meas,
+                           "error": sol.error})
+            if meas is None or abs(meas / target - 1) <= cfg.refine_tolerance or r == cfg.refine:
+                break
+            budget = budget * meas / target  # measured too slow -> tighter budget, and vice versa
+        row = {"target_speedup": target, "model": model, "choice": choice, "predicted_speedup": pred,
+               "measured_speedup": meas, "predicted_ms": constant + sol.cost, "dense_predicted_ms": dense_pred,
+               "dense_measured_ms": dense_meas, "error": sol.error, "params": count_params(model),
+               "rounds": rounds}
+        if uniform:
+            a, f = uniform_for_budget(db, graph.config, costs, constant, budget)
+            base = realise_uniform(graph, db, a, f)
+            row["uniform"] = {"kv_groups": a, "ffn": f, "model": base, "params": count_params(base),
+                              "measured_speedup": dense_meas / measure_latency(base, cfg.metric, cfg.batch,
+                                                                               cost_model.table)
+                              if measure else None}
+        results.append(row)
+        if progress is not None:
+            progress("ZipLM: models for the targets", n + 1, len(cfg.speedups))
+    return results
+
+
+
+
+
+def profile_for(graph: ModelGraph, cfg: ZipLMConfig, clock: str = "wall", progress: Progress | None = None):
+    """A cost table of `graph` on its own device holding every FFN level of the search (no interpolation)."""
+    from llmcompress.hardware.profile import profile
+    from llmcompress.prune.database import default_levels
+
+    size = graph.config.intermediate_size
+    levels = [lv for lv in default_levels(size, cfg.ffn_steps, cfg.ffn_multiple) if lv > 0]
+    return profile(graph, batches=[cfg.batch], ffn_fractions=[lv / size for lv in levels], clock=clock,
+                   progress=progress)
+
+
+def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, out, measure: bool = True,
+              uniform: bool = False, progress: Progress | None = None) -> tuple[list[dict], dict]:
+    """Database in `out/database` (resumable), one deployable checkpoint per target in `out/speedup-<s>`.
+    -> (rows with their models, JSON-ready report)"""
+    from pathlib import Path
+
+    from llmcompress.hardware.cost_model import CostModel
+    from llmcompress.models import save
+    from llmcompress.prune.database import build_database, default_levels
+
+    out = Path(out)
+    size = graph.config.intermediate_size
+    db = build_database(graph, tokens, default_levels(size, cfg.ffn_steps, cfg.ffn_multiple), folder=out / "database",
+                        batch_size=cfg.batch_size, percdamp=cfg.percdamp, progress=progress)
+    rows = prune_family(graph, db, CostModel(table), cfg, tokens, measure, uniform, progress)
+    tokenizer = getattr(graph, "tokenizer", None)
+    report = {"device": table.device, "metric": cfg.metric, "batch": cfg.batch,
+              "calibration": f"{len(tokens)} sequences of {tokens.shape[1]} tokens", "models": []}
+    for row in rows:
+        folder = out / f"speedup-{row['target_speedup']:g}"
+        save(row["model"], folder, overwrite=True, tokenizer=tokenizer)
+        entry = {k: v for k, v in row.items() if k not in ("model", "uniform")} | {"checkpoint": str(folder)}
+        if "uniform" in row:
+            entry["uniform"] = {k: v for k, v in row["uniform"].items() if k != "model"}
+        report["models"].append(entry)
+    return rows, report
+__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "profile_for", "prune_family", "run_ziplm", "uniform_for_budget"]

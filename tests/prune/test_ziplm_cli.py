@@ -1,0 +1,90 @@
+"""`llmcompress prune --method ziplm` and the `ziplm` recipe stage on a tiny Llama folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from llmcompress.cli import app
+from llmcompress.hardware.profile import profile, save_table
+from llmcompress.models import load
+from llmcompress.models.graph import blocks
+
+runner = CliRunner()
+
+
+def call(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def table_file(tiny_hf_dir, tmp_path_factory):
+    g = load(str(tiny_hf_dir))
+    t = profile(g, batches=[1], prompt_len=16, gen_len=4, repeats=1, warmup=0, working_set_mb=0.5,
+                ffn_fractions=[1, 2 / 3, 1 / 3])
+    path = tmp_path_factory.mktemp("table") / "table.json"
+    save_table(t, path)
+    return path
+
+
+def test_ziplm_cli_writes_one_checkpoint_per_target(tiny_hf_dir, corpus_file, table_file, tmp_path):
+    out = tmp_path / "z"
+    args = ["prune", tiny_hf_dir, "--method", "ziplm", "--speedups", "1.3,1.1", "--cost-table", table_file,
+            "--data", corpus_file, "--heldout-rows", 10, "--num-samples", 4, "--seq-len", 16, "--refine", 0,
+            "--out", out]
+    r = call(*args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert [m["target_speedup"] for m in report["models"]] == [1.1, 1.3]
+    for m in report["models"]:
+        assert m["predicted_speedup"] >= m["target_speedup"] * (1 - 1e-6)
+        g = load(m["checkpoint"])
+        assert [b.describe() for b in blocks(g)] == [
+            ("noop" if a == 0 else f"gqa {2 * a}q/{a}kv") + " | " + ("noop" if f == 0 else f"mlp {f}")
+            for a, f in m["choice"]]
+    # a heterogeneous result loads in a fresh process with plain transformers
+    het = next(m["checkpoint"] for m in report["models"] if len({tuple(c) for c in m["choice"]}) > 1)
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "print(m(torch.tensor([[1, 2, 3]])).logits.shape)")
+    res = subprocess.run([sys.executable, "-c", code, het], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "torch.Size([1, 3," in res.stdout, res.stderr[-2000:]
+    # rerun resumes from the database (same settings) and gives the same models
+    r = call(*args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["models"][0]["choice"] == report["models"][0]["choice"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--speedups", "fast"], "must be comma-separated numbers"),
+    (["--speedups", "0.5"], "speedups must be"),
+    (["--metric", "throughput"], "metric"),
+])
+def test_ziplm_cli_bad_input_is_one_line(tiny_hf_dir, corpus_file, table_file, tmp_path, bad, message):
+    r = call("prune", tiny_hf_dir, "--method", "ziplm", "--cost-table", table_file, "--data", corpus_file,
+             "--out", tmp_path / "z", *bad)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and out.startswith("error:") and message in out, r.output
+    assert not (tmp_path / "z").exists()
+
+
+def test_ziplm_stage_in_a_recipe(tiny_hf_dir, corpus_file, table_file, tmp_path):
+    recipe = {"model": str(tiny_hf_dir), "output": str(tmp_path / "run"),
+              "data": {"source": str(corpus_file), "heldout_rows": 10, "seq_len": 16},
+              "stages": [{"type": "ziplm", "speedups": [1.2, 1.4], "continue_with": 1.4, "num_samples": 4,
+                          "seq_len": 16, "refine": 0, "cost_table": str(table_file),
+                          "output": str(tmp_path / "family")},
+                         {"type": "eval", "speed": False, "ppl_seq_len": 16, "ppl_max_windows": 2}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = call("run", path)
+    assert r.exit_code == 0, r.output
+    stage = json.loads((tmp_path / "run" / "00-ziplm" / "report.json").read_text())
+    assert stage["continued_with"] == 1.4 and len(stage["models"]) == 2
+    g = load(str(tmp_path / "run" / "00-ziplm" / "model"))
+    want = json.loads((tmp_path / "family" / "speedup-1.4" / "config.json").read_text())
+    assert g.config.block_configs == want.get("block_configs", g.config.block_configs)

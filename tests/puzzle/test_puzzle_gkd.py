@@ -1,0 +1,77 @@
+"""Assembling a Puzzle solution, global distillation, and the deployable checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from puzzle_helpers import tiny_tokens
+from llmcompress.models import AttentionConfig, BlockConfig, FFNConfig, load, save
+from llmcompress.models.graph import blocks
+from llmcompress.puzzle import GKDConfig, assemble, gkd_loss, train_gkd
+from llmcompress.puzzle.gkd import cosine_distance
+
+
+def mixed_choice(library):
+    return [BlockConfig(attention=AttentionConfig(kind="linear"), ffn=FFNConfig(intermediate_size=64)),
+            BlockConfig(attention=library.attention[1], ffn=FFNConfig(kind="noop")),
+            BlockConfig(attention=AttentionConfig(kind="noop"), ffn=FFNConfig(kind="linear"))]
+
+
+def test_loss_parts():
+    h = [torch.randn(2, 5, 8) for _ in range(3)]
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    loss, parts = gkd_loss(h, h, logits, logits, ids, GKDConfig())
+    assert loss.item() == pytest.approx(0, abs=1e-6) and set(parts) == {"cosine", "kl"}
+    assert cosine_distance(h[1], -h[1]).item() == pytest.approx(2.0)
+    _, parts = gkd_loss(h, [h[0], -h[1], h[2]], logits, logits, ids, GKDConfig(lm_weight=1.0))
+    assert parts["cosine"] == pytest.approx(1.0) and "lm" in parts  # layer 1 opposite, layer 2 equal
+    with pytest.raises(ValueError, match="layer by layer"):
+        gkd_loss(h, h[:2], logits, logits, ids, GKDConfig())
+
+
+def test_assemble(parent, library, bld_dir):
+    same, rows = assemble(parent, library, [library.parent] * 3, bld_dir)
+    tokens = tiny_tokens(2)
+    with torch.no_grad():
+        assert torch.equal(same(tokens).logits, parent(tokens).logits)
+    child, rows = assemble(parent, library, mixed_choice(library), bld_dir)
+    assert blocks(child) == mixed_choice(library) and blocks(parent) == [library.parent] * 3
+    assert rows[0]["trained"] == {"attention": True, "ffn": True} and rows[1]["trained"] == {"attention": True}
+    # the BLD weights are the ones in the assembled layer
+    from safetensors.torch import load_file
+
+    w = load_file(str(bld_dir / "blocks" / "L000.ffn.mlp_64.safetensors"))["mlp.down_proj.weight"]
+    assert torch.equal(child.model.layers[0].mlp.down_proj.weight, w)
+    with pytest.raises(ValueError, match="3-layer parent"):
+        assemble(parent, library, [library.parent] * 2)
+
+
+def test_gkd_trains_resumes_and_saves(parent, library, bld_dir, tmp_path):
+    child, _ = assemble(parent, library, mixed_choice(library), bld_dir)
+    tokens = tiny_tokens(8, seed=3)
+    cfg = GKDConfig(tokens=4 * 2 * 32, batch_size=2, lr=3e-3, checkpoint_every=2)
+    first = train_gkd(parent, child, tokens, cfg, tmp_path)
+    assert first["step"] == 4 and first["resumed_from"] == 0
+    (ckpt,) = tmp_path.glob("checkpoint-*")
+    assert (ckpt / "state.safetensors").exists()
+    losses = [h["loss"] for h in first["history"]]
+    assert losses[-1] < losses[0]
+    # a larger budget continues from the checkpoint (same settings)
+    more = train_gkd(parent, child, tokens, cfg.model_copy(update={"tokens": 6 * 2 * 32}), tmp_path)
+    assert more["resumed_from"] == 4 and more["step"] == 6
+    other = train_gkd(parent, child, tokens, cfg.model_copy(update={"lr": 1e-4, "tokens": 64}), tmp_path)
+    assert other["resumed_from"] == 0 and len(list(tmp_path.glob("checkpoint-*"))) == 2  # other settings: afresh
+    # deployable: Nemotron-NAS layout, reloads with the same outputs
+    out = save(child, tmp_path / "model")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["block_configs"][1]["ffn"]["no_op"]
+    again = load(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, child(tokens).logits)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, child(tokens).logits)
