@@ -375,9 +375,11 @@ def _unique(items):
 def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 512, gen_len: int = 128,
             ffn_fractions: Sequence[float] = FFN_FRACTIONS, formats: Sequence[str] = ("dense",),
             repeats: int = 10, warmup: int = 2, working_set_mb: float | None = None, clock: str = "wall",
-            model_name: str = "", progress: Callable[[str, int, int], None] | None = None) -> CostTable:
+            model_name: str = "", progress: Callable[[str, int, int], None] | None = None,
+            extra_attention: Sequence[AttentionConfig] = ()) -> CostTable:
     """Time every attention and FFN variant of `graph`'s vocabulary (derived from its parent sizes, plus the
-    variants it already contains) in every format, on the graph's device and dtype. See the module docstring."""
+    variants it already contains, and `extra_attention`) in every format, on the graph's device and dtype. See the
+    module docstring."""
     from llmcompress.formats import WEIGHT_FORMATS
 
     if not batches or min(batches) < 1:
@@ -400,7 +402,8 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
     progress = progress or (lambda label, done, total: None)
 
     present = blocks(graph)
-    att = _unique(attention_variants(cfg.num_attention_heads, cfg.num_key_value_heads) + [b.attention for b in present])
+    att = _unique(attention_variants(cfg.num_attention_heads, cfg.num_key_value_heads) + [b.attention for b in present]
+                  + list(extra_attention))
     ffn = _unique([FFNConfig(intermediate_size=s) for s in ffn_sizes(cfg.intermediate_size, ffn_fractions)]
                   + [FFNConfig(kind="linear"), NOOP_FFN] + [b.ffn for b in present])
     jobs = [("attention", a, f) for a in att if a.kind != "noop" for f in formats] + \

@@ -234,7 +234,9 @@ def load_tokenizer(path: Path):
 
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    tok = AutoTokenizer.from_pretrained(str(path))
+    # our heterogeneous checkpoints name remote *model* code in config.json; the tokenizer is a plain one, and
+    # trust_remote_code=False keeps transformers from asking about that code on a terminal
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -67,29 +67,39 @@ def structure_errors(W: torch.Tensor, Hinv: torch.Tensor, width: int, alive: tor
     return torch.where(alive, err, torch.full_like(err, float("inf")))
 
 
-def remove_structure(W: torch.Tensor, Hinv: torch.Tensor, idx: int, width: int) -> tuple[float, torch.Tensor,
-                                                                                        torch.Tensor]:
-    """Remove structure idx (columns idx*width ... +width) with the OBS update. -> (error, W', Hinv')"""
+def remove_structure(W: torch.Tensor, Hinv: torch.Tensor, idx: int, width: int) -> float:
+    """Remove structure idx (columns idx*width ... +width) with the OBS update, IN PLACE on W [N, K] and
+    Hinv [K, K] (the removed columns become 0 in W and a unit block in Hinv). -> error"""
     s = slice(idx * width, (idx + 1) * width)
-    block = Hinv[s, s]  # [w, w]
-    ws = W[:, s]  # [N, w]
-    coef = torch.linalg.solve(block, ws.T).T  # [N, w] = W_S Hinv_SS⁻¹
-    err = float((coef * ws).sum())
-    W = W - coef @ Hinv[s, :]
+    block = Hinv[s, s].clone()  # [w, w]
+    if width == 1:
+        d = float(block)
+        ws = W[:, idx].clone()  # [N]
+        row = Hinv[idx].clone()  # [K]
+        err = float(ws @ ws) / d
+        W.addr_(ws, row, alpha=-1 / d)
+        Hinv.addr_(Hinv[:, idx].clone(), row, alpha=-1 / d)
+    else:
+        ws = W[:, s].clone()  # [N, w]
+        rows = Hinv[s, :].clone()  # [w, K]
+        coef = torch.linalg.solve(block, ws.T).T  # [N, w] = W_S Hinv_SS⁻¹
+        err = float((coef * ws).sum())
+        W.addmm_(coef, rows, alpha=-1)
+        Hinv.addmm_(Hinv[:, s].clone(), torch.linalg.solve(block, rows), alpha=-1)
     W[:, s] = 0
-    Hinv = Hinv - Hinv[:, s] @ torch.linalg.solve(block, Hinv[s, :])
     Hinv[s, :] = 0
     Hinv[:, s] = 0
     Hinv[s, s] = torch.eye(width, dtype=Hinv.dtype, device=Hinv.device)
-    return err, W, Hinv
+    return err
 
 
 def obs_levels(W: torch.Tensor, H: torch.Tensor, width: int, levels: list[int], n_tokens: int = 1,
-               percdamp: float = 0.01) -> dict[int, Level]:
+               percdamp: float = 0.01, dtype: torch.dtype = torch.float32) -> dict[int, Level]:
     """Greedy structured OBS from all K // width structures down to min(levels), snapshotting each level.
 
     W: [N, K] output projection (down_proj or o_proj), H: [K, K] mean input Hessian 2/n Σ x xᵀ over n_tokens
-    inputs. levels: numbers of structures to keep (0 = the part removed entirely). -> {kept: Level}
+    inputs. levels: numbers of structures to keep (0 = the part removed entirely). dtype: of the OBS updates
+    (float32 as in SparseGPT; float64 for exactness tests). -> {kept: Level}
     """
     n, k = W.shape
     if k % width:
@@ -98,11 +108,10 @@ def obs_levels(W: torch.Tensor, H: torch.Tensor, width: int, levels: list[int], 
     bad = [lv for lv in levels if not 0 <= lv <= m]
     if bad:
         raise ValueError(f"levels {bad} are outside 0..{m} structures")
-    Wd = W.double().clone()
-    Hd = H.double()
-    dead = Hd.diagonal() == 0
+    Wd = W.to(dtype).clone()
+    dead = H.diagonal() == 0
     Wd[:, dead] = 0
-    Hinv = damped_inverse(Hd, percdamp)
+    Hinv = damped_inverse(H, percdamp).to(dtype)
     alive = torch.ones(m, dtype=torch.bool, device=W.device)
     out, total = {}, 0.0
     want = sorted(set(levels), reverse=True)
@@ -118,10 +127,8 @@ def obs_levels(W: torch.Tensor, H: torch.Tensor, width: int, levels: list[int], 
             snapshot(kept_n)
         if kept_n == min(want):
             break
-        errs = structure_errors(Wd, Hinv, width, alive)
-        j = int(errs.argmin())
-        err, Wd, Hinv = remove_structure(Wd, Hinv, j, width)
-        total += err
+        j = int(structure_errors(Wd, Hinv, width, alive).argmin())
+        total += remove_structure(Wd, Hinv, j, width)
         alive[j] = False
     return out
 

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmcompress.models.graph import ModelGraph, count_params
+from llmcompress.models.graph import AttentionConfig, ModelGraph, count_params
 from llmcompress.prune.database import Database, part_costs, part_errors, realise, realise_uniform
 from llmcompress.prune.search import KnapsackDP
 
@@ -68,19 +68,19 @@ def measure_latency(graph: ModelGraph, metric: str, batch: int, table) -> float:
     return t[metric].median_ms
 
 
-def uniform_for_budget(db: Database, cfg, costs, constant: float, budget: float) -> tuple[int, int]:
-    """The uniform (KV groups, FFN channels) with most parameters whose predicted time meets the budget: keep
-    every head when the FFN alone can make it, else fewer KV groups."""
+def uniform_for_budget(db: Database, costs, errors, constant: float, budget: float) -> tuple[int, int]:
+    """The uniform (KV groups, FFN channels), the same in every layer, whose predicted time meets the budget with
+    the least summed database error (the baseline gets our error estimate to pick its width; its weights are
+    chosen by activation magnitude, without updates)."""
     attn, ffn = db.levels("attn")[0], db.levels("ffn")[0]
     layers = len(db.layers)
     best = None
     for ai, a in enumerate(attn):
         for fi, f in enumerate(ffn):
             t = constant + sum(costs[2 * i][ai] + costs[2 * i + 1][fi] for i in range(layers))
-            if t <= budget:
-                params = a * (cfg.num_attention_heads // cfg.num_key_value_heads + 1) * cfg.head_dim * 2 + 3 * f
-                if best is None or params > best[0]:
-                    best = (params, a, f)
+            err = sum(errors[2 * i][ai] + errors[2 * i + 1][fi] for i in range(layers))
+            if t <= budget and (best is None or err < best[0]):
+                best = (err, a, f)
     if best is None:
         raise ValueError("no uniform width meets the budget")
     return best[1], best[2]
@@ -102,7 +102,7 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
         for r in range(cfg.refine + 1 if measure else 1):
             sol = dp.solve(budget - constant)
             choice = layer_choice(db, sol.choice)
-            model = realise(graph, db, choice, tokens if cfg.sequential else None, cfg.batch_size)
+            model = realise(graph, db, choice)  # latency does not depend on the weights: the quick realisation
             pred = dense_pred / (constant + sol.cost)
             meas = dense_meas / measure_latency(model, cfg.metric, cfg.batch, cost_model.table) if measure else None
             rounds.append({"budget_ms": budget, "predicted_speedup": pred, "measured_speedup": meas,
@@ -110,12 +110,14 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
             if meas is None or abs(meas / target - 1) <= cfg.refine_tolerance or r == cfg.refine:
                 break
             budget = budget * meas / target  # measured too slow -> tighter budget, and vice versa
+        if cfg.sequential and tokens is not None:
+            model = realise(graph, db, choice, tokens, cfg.batch_size)
         row = {"target_speedup": target, "model": model, "choice": choice, "predicted_speedup": pred,
                "measured_speedup": meas, "predicted_ms": constant + sol.cost, "dense_predicted_ms": dense_pred,
                "dense_measured_ms": dense_meas, "error": sol.error, "params": count_params(model),
                "rounds": rounds}
         if uniform:
-            a, f = uniform_for_budget(db, graph.config, costs, constant, budget)
+            a, f = uniform_for_budget(db, costs, errors, constant, budget)
             base = realise_uniform(graph, db, a, f)
             row["uniform"] = {"kv_groups": a, "ffn": f, "model": base, "params": count_params(base),
                               "measured_speedup": dense_meas / measure_latency(base, cfg.metric, cfg.batch,
@@ -130,15 +132,20 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
 
 
 
-def profile_for(graph: ModelGraph, cfg: ZipLMConfig, clock: str = "wall", progress: Progress | None = None):
-    """A cost table of `graph` on its own device holding every FFN level of the search (no interpolation)."""
+def profile_for(graph: ModelGraph, cfg: ZipLMConfig, clock: str = "wall", progress: Progress | None = None,
+                **profile_kw):
+    """A cost table of `graph` on its own device holding every FFN level of the search (no interpolation).
+    profile_kw: further `profile` settings (prompt_len, gen_len, repeats, ...)."""
     from llmcompress.hardware.profile import profile
     from llmcompress.prune.database import default_levels
 
     size = graph.config.intermediate_size
     levels = [lv for lv in default_levels(size, cfg.ffn_steps, cfg.ffn_multiple) if lv > 0]
+    c = graph.config
+    rep = c.num_attention_heads // c.num_key_value_heads
+    groups = [AttentionConfig(num_heads=rep * g, num_kv_heads=g) for g in range(1, c.num_key_value_heads + 1)]
     return profile(graph, batches=[cfg.batch], ffn_fractions=[lv / size for lv in levels], clock=clock,
-                   progress=progress)
+                   progress=progress, extra_attention=groups, **profile_kw)
 
 
 def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, out, measure: bool = True,

@@ -24,7 +24,7 @@ def _problem(n=6, k=12, t=200, seed=0):
 @pytest.mark.parametrize("width", [1, 3])
 def test_obs_level_is_the_least_squares_optimum_for_its_kept_columns(width):
     W, X, H = _problem()
-    levels = obs_levels(W, H, width, [4 // width * width // width, 2], n_tokens=X.shape[0], percdamp=1e-10)
+    levels = obs_levels(W, H, width, [4 // width, 2], n_tokens=X.shape[0], percdamp=1e-10, dtype=torch.float64)
     for kept_n, lv in levels.items():
         cols = (lv.kept[:, None] * width + torch.arange(width)).flatten()
         # best weights on the kept columns: argmin ||X W^T - X_kept W'^T||
@@ -45,7 +45,7 @@ def test_greedy_removal_starts_with_the_cheapest_structure():
         exact.append((X @ W.T - X[:, cols] @ sol).pow(2).sum().item())
     assert int(errs.argmin()) == int(torch.tensor(exact).argmin())
     assert torch.allclose(errs * X.shape[0] / 2, torch.tensor(exact, dtype=torch.float64), rtol=1e-6)
-    lv = obs_levels(W, H, 1, [11], X.shape[0], percdamp=1e-10)[11]
+    lv = obs_levels(W, H, 1, [11], X.shape[0], percdamp=1e-10, dtype=torch.float64)[11]
     assert int(torch.tensor(exact).argmin()) not in lv.kept.tolist()
 
 
@@ -137,3 +137,24 @@ def test_family_meets_every_budget_of_the_table(tiny):
         uni = cm.predict(row["uniform"]["model"])["decode_ms_per_token"]
         assert dense / uni >= row["target_speedup"] * (1 - 1e-6)
     assert rows[0]["error"] <= rows[1]["error"]
+
+
+def test_profile_for_covers_every_level_of_the_search():
+    from _tiny import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from llmcompress.hardware.cost_model import CostModel
+    from llmcompress.models.graph import build
+    from llmcompress.models.loading import config_from_hf
+    from llmcompress.prune.ziplm_family import profile_for
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=8, num_hidden_layers=2))
+    g = build(config_from_hf(hf.config))
+    cfg = ZipLMConfig(ffn_steps=3, ffn_multiple=32)
+    table = profile_for(g, cfg, repeats=1, warmup=0, prompt_len=8, gen_len=2, working_set_mb=0.5)
+    cm = CostModel(table)
+    for kept in (3, 2, 1, 0):  # 2 KV groups is not a divisor of 3 but a ZipLM level
+        cm.entry("attention", block_of(g.config, "attn", kept))
+    for kept in default_levels(96, 3, 32):
+        assert cm.entry("ffn", block_of(g.config, "ffn", kept)).variant in (f"mlp_{kept}", "noop")

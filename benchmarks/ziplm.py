@@ -1,0 +1,168 @@
+"""ZipLM benchmark: structured OBS pruning to several decode speed-ups vs uniform width pruning (Minitron-style).
+
+Default model on this machine's CPU. Calibration on the first 800 rows of ../shared/data/calib_wikihow.jsonl,
+held-out perplexity on the last 200. One database, one DP search per target over the cost table profiled here,
+measured speed-ups of the realised models (same clock and threads as the table), the uniform baseline at the
+same budget, then optionally global distillation (per-layer hidden cosine + logit KL, `puzzle.gkd.train_gkd`)
+with the same token budget for both. Writes benchmarks/results/ziplm.{json,md}.
+
+    python benchmarks/ziplm.py [--threads 1] [--speedups 1.25,1.5,2.0] [--distill-tokens 0] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", default="process", help="cost-table and measurement clock: process or wall")
+    ap.add_argument("--speedups", default="1.25,1.5,2.0")
+    ap.add_argument("--metric", default="decode", choices=["decode", "prefill"])
+    ap.add_argument("--num-samples", type=int, default=64, help="calibration sequences of 512 tokens")
+    ap.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows of 512 tokens")
+    ap.add_argument("--refine", type=int, default=2)
+    ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
+    ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"))
+    ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script end to end")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from llmcompress.data import Corpus, DataConfig
+    from llmcompress.evaluation import perplexity
+    from llmcompress.hardware.profile import load_table, save_table
+    from llmcompress.models import load
+    from llmcompress.models.graph import count_params
+    from llmcompress.models.loading import cache_dir
+    from llmcompress.prune.database import build_database, default_levels
+    from llmcompress.prune.ziplm_family import ZipLMConfig, measure_latency, profile_for, prune_family
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    speedups = [float(s) for s in args.speedups.split(",")]
+    seq_len, samples, windows = (128, 8, 4) if args.smoke else (512, args.num_samples, args.ppl_windows)
+    cfg = ZipLMConfig(speedups=speedups, metric=args.metric, num_samples=samples, seq_len=seq_len,
+                      refine=args.refine)
+    graph = load("default")
+    data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
+    corpus = Corpus(DataConfig(source=str(data), heldout_rows=200, seq_len=512), graph.tokenizer, cache=cache_dir())
+    tokens = corpus.train_batches(samples, seq_len)
+    heldout = corpus.heldout_stream()
+
+    def ppl(model) -> float:
+        return perplexity(model, heldout, 512, max_windows=windows)["perplexity"]
+
+    timings = {}
+    t0 = time.perf_counter()
+    table_path = work / f"cost_table-{args.clock}-{args.threads}t{'-smoke' if args.smoke else ''}.json"
+    if table_path.exists():
+        table = load_table(table_path)
+    else:
+        table = profile_for(graph, cfg, clock=args.clock,
+                            **(dict(repeats=1, warmup=0, prompt_len=64, gen_len=8) if args.smoke else {}))
+        save_table(table, table_path, overwrite=True)
+    timings["profile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    db = build_database(graph, tokens, default_levels(graph.config.intermediate_size, cfg.ffn_steps,
+                                                      cfg.ffn_multiple), folder=work / f"database-{samples}x{seq_len}")
+    timings["database_s"] = time.perf_counter() - t0
+    from llmcompress.hardware.cost_model import CostModel
+
+    t0 = time.perf_counter()
+    rows = prune_family(graph, db, CostModel(table), cfg, tokens, measure=True, uniform=True)
+    timings["search_realise_measure_s"] = time.perf_counter() - t0
+
+    dense = {"params": count_params(graph), "perplexity": ppl(graph),
+             "latency_ms": measure_latency(graph, cfg.metric, cfg.batch, table)}
+    other = "prefill" if cfg.metric == "decode" else "decode"
+    dense_other = measure_latency(graph, other, cfg.batch, table)
+    results = []
+    for row in rows:
+        uni = row["uniform"]
+        r = {"target": row["target_speedup"], "predicted": row["predicted_speedup"],
+             "measured": row["measured_speedup"], "params": row["params"], "perplexity": ppl(row["model"]),
+             f"measured_{other}": dense_other / measure_latency(row["model"], other, cfg.batch, table),
+             "choice": row["choice"], "rounds": row["rounds"],
+             "uniform": {"kv_groups": uni["kv_groups"], "ffn": uni["ffn"], "params": uni["params"],
+                         "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
+        results.append((r, row["model"], uni["model"]))
+
+    distill = []
+    if args.distill_tokens:
+        from llmcompress.puzzle.gkd import GKDConfig, train_gkd
+
+        gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0)
+        train = corpus.train_batches(256 if not args.smoke else 8, seq_len)
+        for target in [float(s) for s in args.distill_targets.split(",")]:
+            match = [x for x in results if abs(x[0]["target"] - target) < 1e-9]
+            if not match:
+                continue
+            r, zmodel, umodel = match[0]
+            entry = {"target": target}
+            for name, model in (("ziplm", zmodel), ("uniform", umodel)):
+                t0 = time.perf_counter()
+                rep = train_gkd(graph, model, train, gcfg, folder=work / f"gkd-{name}-{target:g}")
+                entry[name] = {"perplexity": ppl(model), "seconds": time.perf_counter() - t0,
+                               "tokens": rep["tokens"], "steps": rep["step"]}
+            distill.append(entry)
+
+    wall = time.perf_counter() - t_all
+    report = {"benchmark": "ziplm", "commit": git_commit(), "machine": machine(), "wall_s": wall,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "settings": vars(args) | {"cost_table_device": table.device, "table_clock": table.settings.clock,
+                                        "calibration": f"{samples} x {seq_len} tokens (first 800 rows)",
+                                        "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
+              "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
+              "results": [r for r, _, _ in results], "distill": distill}
+    lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning\n",
+             f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
+             f"{args.clock} clock; whole run {wall / 60:.1f} min, peak RSS {report['peak_rss_mb']:.0f} MB\n",
+             f"Dense: {dense['params']:,} params, held-out perplexity {dense['perplexity']:.2f}, "
+             f"{cfg.metric} {dense['latency_ms']:.1f} ms.\n",
+             f"| target | ZipLM predicted | ZipLM measured | measured {other} | ZipLM params | ZipLM ppl (x dense) | "
+             f"uniform (KV groups, FFN) | uniform measured | uniform params | uniform ppl (x dense) |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
+    d = dense["perplexity"]
+    for r, _, _ in results:
+        u = r["uniform"]
+        lines.append(f"| {r['target']:g}x | {r['predicted']:.3f}x | {r['measured']:.3f}x | "
+                     f"{r[f'measured_{other}']:.3f}x | {r['params']:,} | {r['perplexity']:.2f} "
+                     f"({r['perplexity'] / d:.2f}x) | {u['kv_groups']}, {u['ffn']} | {u['measured']:.3f}x | "
+                     f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
+    if distill:
+        lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
+                      "per-layer hidden cosine + logit KL):", "",
+                  "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
+        for e in distill:
+            lines.append(f"| {e['target']:g}x | {e['ziplm']['perplexity']:.2f} ({e['ziplm']['perplexity'] / d:.2f}x) "
+                         f"| {e['uniform']['perplexity']:.2f} ({e['uniform']['perplexity'] / d:.2f}x) | "
+                         f"{e['ziplm']['seconds'] / 60:.1f} / {e['uniform']['seconds'] / 60:.1f} |")
+    lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
+              f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
+              f"{table.settings.prompt_len}) with the cost table's clock; predicted from the table "
+              f"({table.device}); refinement rounds: {args.refine}",
+              f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
+              "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
+    md = "\n".join(lines) + "\n"
+    name = "ziplm-smoke" if args.smoke else "ziplm"
+    js, mdp = write_results(name, report, md, out=work if args.smoke else RESULTS)
+    print(md)
+    print(f"written {js} and {mdp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
