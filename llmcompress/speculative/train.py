@@ -100,7 +100,9 @@ def expand_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torc
     k = values.shape[-1]
     if k == vocab:
         return torch.full(values.shape[:-1] + (vocab,), 0.0).scatter(-1, indices, values)
-    rest = (-torch.logsumexp(values, -1, keepdim=True).exp()).log1p().clamp_min(-80.0)  # log(1 - sum top-k)
+    # log(1 - sum top-k): the kept mass can round to >= 1 for peaked distributions, so clamp before the log
+    mass = torch.logsumexp(values.float(), -1, keepdim=True).exp().clamp(max=1.0)
+    rest = torch.log1p(-mass).clamp_min(-80.0)
     fill = rest - torch.log(torch.tensor(float(vocab - k)))
     out = fill.expand(values.shape[:-1] + (vocab,)).clone()
     return out.scatter(-1, indices, values)
@@ -195,20 +197,24 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         else:
             gen_model = target if source == "target" else draft.eval()
             seqs = generate(gen_model, prompts, cfg.new_tokens, cfg.gen_temperature, cfg.seed + step)
-        mask = continuation_mask(len(seqs), seqs.shape[1], cfg.prompt_tokens).to(device)
+        # only the last new_tokens + 1 positions can predict a continuation token: the LM head (the costliest
+        # matmul of a small draft) and the vocabulary-sized losses run on those alone
+        keep = min(cfg.new_tokens + 1, seqs.shape[1])
+        mask = continuation_mask(len(seqs), seqs.shape[1], cfg.prompt_tokens).to(device)[:, -keep:]  # [B, keep]
         draft.train()
-        d_out = draft(seqs, output_hidden_states=cfg.online)
+        d_out = draft(seqs, output_hidden_states=cfg.online, logits_to_keep=keep)
         if cfg.online:
             with torch.no_grad():
-                t_out = target(seqs, output_hidden_states=True)
+                t_out = target(seqs, output_hidden_states=True, logits_to_keep=keep)
             loss = divergences.divergence_loss(cfg.divergence, t_out.logits, d_out.logits, mask, cfg.temperature)
             div = loss.item()
             if cfg.feature_weight > 0:
-                feats = lm_head_input(draft, d_out), lm_head_input(target, t_out)  # [B, S, Dd], [B, S, Dt]
+                feats = lm_head_input(draft, d_out)[:, -keep:], lm_head_input(target, t_out)[:, -keep:]  # [B, k, D]
                 loss = loss + cfg.feature_weight * feature_loss(*feats, mask, proj)
         else:
             # log-probs serve as logits: softmax(log p / T) is the target's distribution at temperature T
-            logp = expand_topk(offline[0][idx], offline[1][idx], target.config.vocab_size).to(device)
+            logp = expand_topk(offline[0][idx][:, -keep:], offline[1][idx][:, -keep:],
+                               target.config.vocab_size).to(device)
             loss = divergences.divergence_loss(cfg.divergence, logp, d_out.logits, mask, cfg.temperature)
             div = loss.item()
         opt.zero_grad(set_to_none=True)

@@ -72,3 +72,17 @@ def test_resume_continues_the_same_run(tmp_path):
         assert torch.allclose(pa, pc, atol=1e-6)
     with pytest.raises(ValueError, match="another configuration"):
         train_draft(target, draft_c, windows, prompts, _cfg(steps=6, lr=1e-4), out=tmp_path)
+
+
+def test_expand_topk_of_a_peaked_distribution_is_finite():
+    from llmcompress.speculative.train import expand_topk, topk_logprobs
+
+    logits = torch.zeros(2, 3, 50)
+    logits[..., 7] = 60.0  # top-k mass rounds to 1 (or above) in float32
+    vals, ids = topk_logprobs(logits, 4)
+    full = expand_topk(vals, ids, 50)
+    assert torch.isfinite(full).all()
+    assert torch.allclose(full.exp().sum(-1), torch.ones(2, 3), atol=1e-5)
+    # rounding can even make the kept log-probs sum above 1
+    over = expand_topk(torch.tensor([[1e-6, -30.0, -30.0]]), torch.tensor([[0, 1, 2]]), 10)
+    assert torch.isfinite(over).all()
