@@ -1,6 +1,7 @@
 """Recipes (typed, strict, overridable) and the resumable pipeline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -127,3 +128,12 @@ def test_synthetic_data_comes_from_the_original_model(tmp_path, tiny_hf_dir):
     run_recipe(recipe, base, from_stage="after")  # resumes on the pruned checkpoint
     cached = list((tmp_path / "cache" / "synthetic").glob("*.jsonl"))
     assert len(cached) == 1  # both runs sampled from the original model (same key), never the pruned one
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    from llmcompress.pipeline import load_recipe
+
+    recipe, _ = load_recipe(path, [])
+    assert recipe.stages
