@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=64, help="calibration sequences of 512 tokens")
     ap.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows of 512 tokens")
     ap.add_argument("--refine", type=int, default=2)
+    ap.add_argument("--normalise", default="residual", choices=["residual", "output", "none"],
+                    help="how per-layer OBS errors are made comparable across layers")
+    ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"))
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     speedups = [float(s) for s in args.speedups.split(",")]
     seq_len, samples, windows = (128, 8, 4) if args.smoke else (512, args.num_samples, args.ppl_windows)
     cfg = ZipLMConfig(speedups=speedups, metric=args.metric, num_samples=samples, seq_len=seq_len,
-                      refine=args.refine)
+                      refine=args.refine, normalise=args.normalise)
     graph = load("default")
     data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
     corpus = Corpus(DataConfig(source=str(data), heldout_rows=200, seq_len=512), graph.tokenizer, cache=cache_dir())
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
                                         "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
               "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
               "results": [r for r, _, _ in results], "distill": distill}
-    lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning\n",
+    lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
+             f"(errors normalised: {args.normalise})\n",
              f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
              f"{args.clock} clock; whole run {wall / 60:.1f} min, peak RSS {report['peak_rss_mb']:.0f} MB\n",
              f"Dense: {dense['params']:,} params, held-out perplexity {dense['perplexity']:.2f}, "
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
               f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
               "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"
-    name = "ziplm-smoke" if args.smoke else "ziplm"
+    name = args.name + ("-smoke" if args.smoke else "")
     js, mdp = write_results(name, report, md, out=work if args.smoke else RESULTS)
     print(md)
     print(f"written {js} and {mdp}")
