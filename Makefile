@@ -16,7 +16,7 @@ DEMO_DATA ?= $(if $(SHARED_DATA),$(SHARED_DATA),synthetic)
 DEMO_SET ?= $(if $(SHARED_DATA),,--set stages.eval_teacher.tasks=[] --set stages.eval_pruned.tasks=[])
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-sparsity clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: setup  # one at a time: two benchmarks on two cores disturb each other
 	$(PY) benchmarks/quickstart.py
 	$(PY) benchmarks/cost_model.py --threads 1 --clock process
 	-$(PY) benchmarks/kernels.py  # needs a CUDA GPU; exits 2 without one
+
+bench-sparsity: setup  # hours on a 2-core CPU; the peer, llm-compressor, gets a virtualenv of its own
+	bash benchmarks/peer_setup.sh
+	$(PY) benchmarks/sparsity_quant.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

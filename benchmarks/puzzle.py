@@ -35,8 +35,9 @@ PPL_RATIO = {1.25: 1.3, 1.5: 1.6}
 SPEED_TOLERANCE_PCT = 10.0
 PATH_MINUTES = 90.0
 SMOKE = ["data.seq_len=32", "stages.eval_parent.ppl_seq_len=32", "stages.eval_parent.ppl_max_windows=2",
-         "stages.eval_parent.speed=false", "stages.eval_puzzle.ppl_seq_len=32", "stages.eval_puzzle.ppl_max_windows=2",
-         "stages.eval_puzzle.speed=false", "stages.puzzle_library.num_samples=2", "stages.puzzle_library.ffn_fractions=[0.5]",
+         "stages.eval_parent.speed=false", "stages.eval_puzzle.ppl_seq_len=32",
+         "stages.eval_puzzle.ppl_max_windows=2", "stages.eval_puzzle.speed=false",
+         "stages.puzzle_library.num_samples=2", "stages.puzzle_library.ffn_fractions=[0.5]",
          "stages.puzzle_bld.tokens=128", "stages.puzzle_bld.num_samples=6", "stages.puzzle_bld.eval_samples=2",
          "stages.puzzle_score.skip_samples=6", "stages.puzzle_score.num_samples=1", "stages.puzzle_score.positions=8",
          "stages.puzzle_score.prompt_len=32", "stages.puzzle_score.gen_len=4", "stages.puzzle_score.profile_repeats=1",
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             "target": f"{target:g}x", "predicted": predicted, "measured": measured, "pred_err_%": err,
             "params": mip["solutions"][0]["predicted"]["params"], "ppl_dense": dense, "ppl_gkd": ppl,
             "ratio": ppl / dense, "ratio_target": limit,
-            "ok": (limit is None or ppl / dense <= limit) and abs(err) <= SPEED_TOLERANCE_PCT,
+            "ok": "yes" if (limit is None or ppl / dense <= limit) and abs(err) <= SPEED_TOLERANCE_PCT else "no",
             "ppl_bld_mip": baselines["mip"]["ppl_bld"],
             "ppl_bld_greedy": baselines["greedy"]["ppl_bld"] if baselines["greedy"] else None,
             "ppl_bld_uniform": baselines["uniform"]["ppl_bld"] if baselines["uniform"] else None,
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
     cfg = {s.label: s.model_dump(exclude={"workdir", "name"}) for s in recipe.stages if s.label in PUZZLE}
     report = {"benchmark": name, "commit": git_commit(), "machine": machine(), "wall_s": total,
               "path_minutes_first_target": path_min, "peak_rss_mb": peak_mb, "overrides": overrides,
-              "token_budgets": {"bld_tokens_per_block": cfg["puzzle_bld"]["tokens"], "gkd_tokens": cfg["gkd"]["tokens"]},
+              "token_budgets": {"bld_tokens_per_block": cfg["puzzle_bld"]["tokens"],
+                                "gkd_tokens": cfg["gkd"]["tokens"]},
               "stages": cfg, "rows": rows, "runs": runs}
     m = report["machine"]
     cols = ["target", "predicted", "measured", "pred_err_%", "params", "ppl_dense", "ppl_gkd", "ratio", "ratio_target",

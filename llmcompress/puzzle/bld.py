@@ -122,6 +122,12 @@ class ActivationStore:
         with safe_open(str(self.folder / f"{name}.safetensors"), framework="pt") as f:
             return f.get_slice("x")[start:stop]
 
+    def rows(self, name: str) -> int:
+        if self.folder is None:
+            return self.mem[name].shape[0]
+        with safe_open(str(self.folder / f"{name}.safetensors"), framework="pt") as f:
+            return f.get_slice("x").get_shape()[0]
+
     def layer(self, i: int, part: Part) -> tuple[str, str]:
         """Names of (input, target) for training a `part` variant of layer i."""
         return (f"h{i}" if part == "attention" else f"m{i}"), f"h{i + 1}"
@@ -284,7 +290,7 @@ def train_block(job: BlockJob, parent: DecoderLayer, config: LlmcNasConfig, stor
     layer = child_layer(parent.to(device), config, job.part, job.variant, job.channels).float().train()
     src, dst = store.layer(job.layer, job.part)
     cos, sin = store.get("rope_cos").to(device), store.get("rope_sin").to(device)  # [1, S, hd]
-    n = store.get(dst, 0, None).shape[0] if store.folder is None else _rows(store, dst)
+    n = store.rows(dst)
     seq_len = cos.shape[1]
     before = _eval_nmse(layer, store, src, dst, cfg.eval_samples, cfg.batch_size, cos, sin, device)
     params = [p for name, p in layer.named_parameters() if name.startswith(trained_prefixes(job.part))]
@@ -320,11 +326,6 @@ def train_block(job: BlockJob, parent: DecoderLayer, config: LlmcNasConfig, stor
     save_file(weights, str(tmp), metadata={"bld": json.dumps({"key": job.key, **row})})
     os.replace(tmp, job.path)
     return row
-
-
-def _rows(store: ActivationStore, name: str) -> int:
-    with safe_open(str(store.folder / f"{name}.safetensors"), framework="pt") as f:
-        return f.get_slice("x").get_shape()[0]
 
 
 def _pool_job(job: BlockJob, parent_state: dict, config: dict, layer_block: dict, folder: str, cfg: dict,

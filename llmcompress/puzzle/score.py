@@ -29,7 +29,7 @@ from llmcompress.models.modeling_llmcompress import DecoderLayer
 from llmcompress.oneshot.calibrate import first_layer_inputs
 from llmcompress.prune.layers import kl_div
 from llmcompress.puzzle.bld import load_variant
-from llmcompress.puzzle.library import PARTS, BlockLibrary, Part, variant_name
+from llmcompress.puzzle.library import PARTS, BlockLibrary, variant_name
 
 Progress = Callable[[str, int, int], None]
 SCHEMA_VERSION = 1
@@ -71,10 +71,17 @@ def _tail(graph: ModelGraph, start: int, x: torch.Tensor, cos, sin, positions: i
 
 def compose(config, attention_layer: DecoderLayer, ffn_layer: DecoderLayer, block: BlockConfig) -> DecoderLayer:
     """One layer from an attention variant's layer and an FFN variant's layer (see bld.child_layer)."""
-    layer = DecoderLayer(config, block.to_hf(config.hidden_size), 0)
+    with torch.device("meta"):  # every part is replaced below: allocate nothing
+        layer = DecoderLayer(config, block.to_hf(config.hidden_size), 0)
     layer.input_layernorm, layer.self_attn = attention_layer.input_layernorm, attention_layer.self_attn
     layer.post_attention_layernorm, layer.mlp = ffn_layer.post_attention_layernorm, ffn_layer.mlp
     return layer
+
+
+def _is_parent(kind: str, variant, library: BlockLibrary) -> bool:
+    if kind == "pair":
+        return variant == (library.parent.attention, library.parent.ffn)
+    return variant == library.parent_part(kind)
 
 
 @torch.no_grad()
@@ -113,7 +120,7 @@ def score_blocks(graph: ModelGraph, library: BlockLibrary, tokens: torch.Tensor,
             block = BlockConfig(attention=att, ffn=ffn)
             a = children[("attention", variant_name(att))][0] or parent
             f = children[("ffn", variant_name(ffn))][0] or parent
-            return compose(graph.config, a, f, block).to(device)
+            return compose(graph.config, a, f, block)
 
         candidates = [("attention", a, layer_for(a, library.parent.ffn)) for a in library.attention]
         candidates += [("ffn", f, layer_for(library.parent.attention, f)) for f in library.ffn]
@@ -122,7 +129,9 @@ def score_blocks(graph: ModelGraph, library: BlockLibrary, tokens: torch.Tensor,
         totals = torch.zeros(len(candidates), dtype=torch.float64)
         for (x, cos, sin), ids in zip(inputs, batches):
             ref = None
-            for k, (_, _, layer) in enumerate(candidates):
+            for k, (kind, variant, layer) in enumerate(candidates):
+                if k > 0 and _is_parent(kind, variant, library):
+                    continue  # the parent block again: its score is 0 by definition
                 logits = _tail(graph, i + 1, layer(x, cos, sin, None, None), cos, sin, cfg.positions)
                 if ref is None:  # candidates[0] is the parent block: the parent's own logits
                     ref = logits

@@ -135,7 +135,8 @@ def _lsq_grid(levels: torch.Tensor, assign: torch.Tensor, keep: torch.Tensor | N
         return s.clamp_min(0), torch.full_like(s, 8.0)
     cs = c.sum(-1).clamp_min(1e-12)
     mi, mp = (c * i).sum(-1) / cs, (c * p).sum(-1) / cs
-    s = (c * (i - mi[..., None]) * (p - mp[..., None])).sum(-1) / (c * (i - mi[..., None]) ** 2).sum(-1).clamp_min(1e-12)
+    di, dp = i - mi[..., None], p - mp[..., None]
+    s = (c * di * dp).sum(-1) / (c * di**2).sum(-1).clamp_min(1e-12)
     s = s.clamp_min(0)
     z = torch.round(-(mp - s * mi) / torch.where(s > 0, s, torch.ones_like(s))).clamp(0, 15)
     return s, z

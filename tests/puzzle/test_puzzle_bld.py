@@ -73,3 +73,19 @@ def test_changed_settings_retrain_and_disk_store(parent, library, tmp_path):
     assert changed["trained"] == 5 and changed["resumed"] == 0
     with pytest.raises(ValueError, match="num_samples"):
         run_bld(parent, library, tiny_tokens(6), cfg, tmp_path)
+
+
+def test_pool_worker_rebuilds_the_same_block(parent, library, tmp_path):
+    # what a process-pool worker runs, called in-process: same block as the single-process path
+    from llmcompress.puzzle.bld import ActivationStore, _pool_job, jobs_for, train_block
+
+    cfg = BLD.model_copy(update={"tokens": 64})
+    store = ActivationStore(tmp_path / "activations")
+    capture(parent, tiny_tokens(8, seed=1), store)
+    job = jobs_for(library, cfg, tmp_path, 32, layers=[2])[0]
+    row = _pool_job(job, parent.model.layers[2].state_dict(), parent.config.to_dict(), parent.config.block_configs[2],
+                    str(store.folder), cfg.model_dump(), "cpu", 1)
+    import copy
+
+    again = train_block(job, copy.deepcopy(parent.model.layers[2]), parent.config, store, cfg)
+    assert row["nmse"] == pytest.approx(again["nmse"], rel=1e-5) and row["variant"] == "gqa_4q_1kv"
