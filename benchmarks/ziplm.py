@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=64, help="calibration sequences of 512 tokens")
     ap.add_argument("--ppl-windows", type=int, default=64, help="held-out perplexity windows of 512 tokens")
     ap.add_argument("--refine", type=int, default=2)
-    ap.add_argument("--normalise", default="residual", choices=["residual", "output", "none"],
+    ap.add_argument("--normalise", default="output", choices=["residual", "output", "none"],
                     help="how per-layer OBS errors are made comparable across layers")
     ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")

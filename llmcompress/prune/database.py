@@ -178,7 +178,7 @@ def block_of(cfg, part: str, kept: int) -> AttentionConfig | FFNConfig:
     return FFNConfig(kind="noop") if kept == 0 else FFNConfig(intermediate_size=kept)
 
 
-def part_errors(db: Database, normalise: str = "residual") -> list[list[float]]:
+def part_errors(db: Database, normalise: str = "output") -> list[list[float]]:
     """Per part (layer 0 attn, layer 0 ffn, layer 1 attn, ...), the error of each level (level lists of
     `db.levels`), normalised: 'residual' divides by the layer input's energy (relative change of the residual
     stream), 'output' by the part's own output energy, 'none' leaves the summed squared error."""

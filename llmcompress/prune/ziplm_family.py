@@ -35,7 +35,9 @@ class ZipLMConfig(BaseModel):
     seq_len: int = Field(512, gt=1)
     ffn_steps: int = Field(16, gt=0, description="FFN levels: parent size down to 0 in this many steps")
     ffn_multiple: int = Field(32, gt=0, description="FFN sizes are multiples of this")
-    normalise: Literal["residual", "output", "none"] = "residual"
+    normalise: Literal["residual", "output", "none"] = Field(
+        "output", description="per-part OBS errors divided by the part's output energy (output), by the layer "
+                              "input's residual energy (residual; empties middle layers on SmolLM2), or not (none)")
     sequential: bool = Field(True, description="re-run OBS for each target on inputs propagated through the "
                                                "already-pruned layers")
     refine: int = Field(1, ge=0, description="rounds of measuring each model and rescaling its budget")
