@@ -28,3 +28,20 @@ def tiny_llama_config(**kw):
                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     base.update(kw)
     return LlamaConfig(**base)
+
+
+def cli(*args):
+    """Run the llmcompress CLI in-process with every argument stringified. -> click Result"""
+    from typer.testing import CliRunner
+
+    from llmcompress.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, message: str) -> None:
+    """The CLI failed as a user error: exit 2, one line starting 'error:' that contains `message`, no traceback."""
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in out and len([l for l in result.output.splitlines() if l.strip()]) == 1, result.output
+    assert out.startswith("error:") and message in out, result.output

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import yaml
+from _tiny import assert_user_error, cli
 from typer.testing import CliRunner
 
 from llmcompress.cli import app
@@ -10,17 +11,7 @@ from llmcompress.formats import QuantLinear, Sparse24Linear
 from llmcompress.models import load
 
 runner = CliRunner()
-
-
-def call(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, message):
-    out = " ".join(result.output.split())
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in out and len([l for l in result.output.splitlines() if l.strip()]) == 1, result.output
-    assert out.startswith("error:") and message in out, result.output
+call = cli
 
 
 def test_prune_then_quantize_cli(tiny_hf_dir, corpus_file, tmp_path):

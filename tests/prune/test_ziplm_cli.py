@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from _tiny import cli
 from typer.testing import CliRunner
 
 from llmcompress.cli import app
@@ -15,10 +16,7 @@ from llmcompress.models import load
 from llmcompress.models.graph import blocks
 
 runner = CliRunner()
-
-
-def call(*args):
-    return runner.invoke(app, [str(a) for a in args])
+call = cli
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import yaml
+from _tiny import assert_user_error, cli
 from typer.testing import CliRunner
 
 from llmcompress.cli import app
@@ -11,18 +12,8 @@ from llmcompress.models import load
 from llmcompress.recover import sparse24_keep
 
 runner = CliRunner()
+call = cli
 TINY = ["--num-samples", 4, "--seq-len", 32, "--batch-size", 2, "--local-steps", 2, "--global-steps", 2]
-
-
-def call(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, message):
-    out = " ".join(result.output.split())
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in out and len([l for l in result.output.splitlines() if l.strip()]) == 1, result.output
-    assert out.startswith("error:") and message in out, result.output
 
 
 def _formats(graph) -> set[str]:
