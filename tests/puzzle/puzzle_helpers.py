@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
+
+from llmcompress.oneshot.hessian import serial_on_cpu
 
 from llmcompress.models import LlmcNasConfig, build
 from llmcompress.puzzle import BLDConfig
@@ -23,12 +24,6 @@ def tiny_tokens(n: int, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
 BLD = BLDConfig(tokens=384, num_samples=8, eval_samples=2, batch_size=4, lr=2e-3)
 
 
-@contextmanager
 def one_thread():
     """Tiny models on a shared CPU: one thread is much faster than several competing ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return serial_on_cpu(torch.device("cpu"))
