@@ -312,10 +312,6 @@ def realise(graph: ModelGraph, db: Database, choice: list[tuple[int, int]], toke
     return out
 
 
-def uniform_choice(db: Database, cfg, kv_groups: int, ffn_kept: int) -> list[tuple[int, int]]:
-    return [(kv_groups, ffn_kept)] * len(db.layers)
-
-
 def realise_uniform(graph: ModelGraph, db: Database, kv_groups: int, ffn_kept: int) -> ModelGraph:
     """Minitron-style uniform width baseline: every layer keeps the same number of KV groups and FFN channels,
     chosen by activation magnitude (no weight update)."""

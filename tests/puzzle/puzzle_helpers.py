@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 
-from llmcompress.oneshot.hessian import serial_on_cpu
-
 from llmcompress.models import LlmcNasConfig, build
+from llmcompress.oneshot.hessian import serial_on_cpu
 from llmcompress.puzzle import BLDConfig
 
 
