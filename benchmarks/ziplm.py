@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
+    ap.add_argument("--train-threads", type=int, default=0,
+                    help="torch threads while distilling (0: same as --threads); latencies always use --threads")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"))
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script end to end")
     args = ap.parse_args(argv)
@@ -103,12 +105,60 @@ def main(argv=None) -> int:
                          "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
         results.append((r, row["model"], uni["model"]))
 
+    def report_out() -> None:
+        wall = time.perf_counter() - t_all
+        report = {"benchmark": "ziplm", "commit": git_commit(), "machine": machine(), "wall_s": wall,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "settings": vars(args) | {"cost_table_device": table.device, "table_clock": table.settings.clock,
+                                            "calibration": f"{samples} x {seq_len} tokens (first 800 rows)",
+                                            "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
+                  "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
+                  "results": [r for r, _, _ in results], "distill": distill}
+        lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
+                 f"(errors normalised: {args.normalise})\n",
+                 f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
+                 f"{args.clock} clock; whole run {wall / 60:.1f} min, peak RSS {report['peak_rss_mb']:.0f} MB\n",
+                 f"Dense: {dense['params']:,} params, held-out perplexity {dense['perplexity']:.2f}, "
+                 f"{cfg.metric} {dense['latency_ms']:.1f} ms.\n",
+                 f"| target | ZipLM predicted | ZipLM measured | measured {other} | ZipLM params | ZipLM ppl (x dense) | "
+                 f"uniform (KV groups, FFN) | uniform measured | uniform params | uniform ppl (x dense) |",
+                 "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
+        d = dense["perplexity"]
+        for r, _, _ in results:
+            u = r["uniform"]
+            lines.append(f"| {r['target']:g}x | {r['predicted']:.3f}x | {r['measured']:.3f}x | "
+                         f"{r[f'measured_{other}']:.3f}x | {r['params']:,} | {r['perplexity']:.2f} "
+                         f"({r['perplexity'] / d:.2f}x) | {u['kv_groups']}, {u['ffn']} | {u['measured']:.3f}x | "
+                         f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
+        if distill:
+            lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
+                          "per-layer hidden cosine + logit KL):", "",
+                      "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
+            for e in distill:
+                lines.append(f"| {e['target']:g}x | {e['ziplm']['perplexity']:.2f} ({e['ziplm']['perplexity'] / d:.2f}x) "
+                             f"| {e['uniform']['perplexity']:.2f} ({e['uniform']['perplexity'] / d:.2f}x) | "
+                             f"{e['ziplm']['seconds'] / 60:.1f} / {e['uniform']['seconds'] / 60:.1f} |")
+        lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
+                  f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
+                  f"{table.settings.prompt_len}) with the cost table's clock; predicted from the table "
+                  f"({table.device}); refinement rounds: {args.refine}",
+                  f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
+                  "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
+        md = "\n".join(lines) + "\n"
+        name = args.name + ("-smoke" if args.smoke else "")
+        js, mdp = write_results(name, report, md, out=work if args.smoke else RESULTS)
+        print(md)
+        print(f"written {js} and {mdp}")
+
+
     distill = []
+    report_out()  # the one-shot table now; rewritten after each distilled model
     if args.distill_tokens:
+        torch.set_num_threads(args.train_threads or args.threads)
         from llmcompress.puzzle.gkd import GKDConfig, train_gkd
 
         gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0)
-        train = corpus.train_batches(256 if not args.smoke else 8, seq_len)
+        train = corpus.train_batches(8 if args.smoke else max(256, -(-args.distill_tokens // seq_len)), seq_len)
         for target in [float(s) for s in args.distill_targets.split(",")]:
             match = [x for x in results if abs(x[0]["target"] - target) < 1e-9]
             if not match:
@@ -121,50 +171,10 @@ def main(argv=None) -> int:
                 entry[name] = {"perplexity": ppl(model), "seconds": time.perf_counter() - t0,
                                "tokens": rep["tokens"], "steps": rep["step"]}
             distill.append(entry)
+            report_out()
+        torch.set_num_threads(args.threads)
 
-    wall = time.perf_counter() - t_all
-    report = {"benchmark": "ziplm", "commit": git_commit(), "machine": machine(), "wall_s": wall,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "settings": vars(args) | {"cost_table_device": table.device, "table_clock": table.settings.clock,
-                                        "calibration": f"{samples} x {seq_len} tokens (first 800 rows)",
-                                        "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
-              "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
-              "results": [r for r, _, _ in results], "distill": distill}
-    lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
-             f"(errors normalised: {args.normalise})\n",
-             f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
-             f"{args.clock} clock; whole run {wall / 60:.1f} min, peak RSS {report['peak_rss_mb']:.0f} MB\n",
-             f"Dense: {dense['params']:,} params, held-out perplexity {dense['perplexity']:.2f}, "
-             f"{cfg.metric} {dense['latency_ms']:.1f} ms.\n",
-             f"| target | ZipLM predicted | ZipLM measured | measured {other} | ZipLM params | ZipLM ppl (x dense) | "
-             f"uniform (KV groups, FFN) | uniform measured | uniform params | uniform ppl (x dense) |",
-             "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
-    d = dense["perplexity"]
-    for r, _, _ in results:
-        u = r["uniform"]
-        lines.append(f"| {r['target']:g}x | {r['predicted']:.3f}x | {r['measured']:.3f}x | "
-                     f"{r[f'measured_{other}']:.3f}x | {r['params']:,} | {r['perplexity']:.2f} "
-                     f"({r['perplexity'] / d:.2f}x) | {u['kv_groups']}, {u['ffn']} | {u['measured']:.3f}x | "
-                     f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
-    if distill:
-        lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
-                      "per-layer hidden cosine + logit KL):", "",
-                  "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
-        for e in distill:
-            lines.append(f"| {e['target']:g}x | {e['ziplm']['perplexity']:.2f} ({e['ziplm']['perplexity'] / d:.2f}x) "
-                         f"| {e['uniform']['perplexity']:.2f} ({e['uniform']['perplexity'] / d:.2f}x) | "
-                         f"{e['ziplm']['seconds'] / 60:.1f} / {e['uniform']['seconds'] / 60:.1f} |")
-    lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
-              f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
-              f"{table.settings.prompt_len}) with the cost table's clock; predicted from the table "
-              f"({table.device}); refinement rounds: {args.refine}",
-              f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
-              "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
-    md = "\n".join(lines) + "\n"
-    name = args.name + ("-smoke" if args.smoke else "")
-    js, mdp = write_results(name, report, md, out=work if args.smoke else RESULTS)
-    print(md)
-    print(f"written {js} and {mdp}")
+    report_out()
     return 0
 
 
