@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", default="1,2,3,4")
     ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training")
     ap.add_argument("--threads", type=int, default=2, help="torch threads while measuring speed")
+    ap.add_argument("--draft-vocab", default="",
+                    help="also measure each distilled draft with its LM head restricted to the N most frequent ids of "
+                         "its training continuations, e.g. 4096,8192 (FR-Spec style; still lossless)")
     ap.add_argument("--target", default="default", help="target model (a compressed one for the second row)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-draft"))
     ap.add_argument("--name", default="draft")
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     from llmcompress.speculative.draft_init import init_draft
     from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts
     from llmcompress.speculative.train import DistillConfig, train_draft
+    from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids
 
     configs = args.config or DEFAULT_CONFIGS
     if args.smoke:
@@ -94,10 +98,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         rep = train_draft(target, draft, train, prompts[:4], cfg, work / spec.replace("/", "_").replace(":", "-"))
         seconds = time.perf_counter() - t0
-        results.append({"draft": f"{args.init} {spec}", "training": {
-            "config": cfg.model_dump(), "steps": rep["steps"], "tokens": rep["tokens"], "seconds": seconds,
-            "acceptance_during_training": rep["acceptance"], "loss_first": rep["loss_first"],
-            "loss_last": rep["loss_last"]}, "eval": measure(draft)})
+        training = {"config": cfg.model_dump(), "steps": rep["steps"], "tokens": rep["tokens"], "seconds": seconds,
+                    "acceptance_during_training": rep["acceptance"], "loss_first": rep["loss_first"],
+                    "loss_last": rep["loss_last"]}
+        results.append({"draft": f"{args.init} {spec}", "training": training, "eval": measure(draft)})
+        for k in [int(v) for v in args.draft_vocab.split(",") if v.strip()]:
+            keep = frequent_tokens(rep["continuation_counts"], k, special_ids(tok))
+            small = restrict_vocab(copy.deepcopy(draft), keep)
+            results.append({"draft": f"{args.init} {spec} vocab {k}", "training": training, "eval": measure(small)})
 
     wall = time.perf_counter() - t_all
     base = results[0]["eval"]
@@ -122,12 +130,16 @@ def main(argv=None) -> int:
                          f"{row['identical_output']} |")
     lines += ["", "Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens):", ""]
     for r in results[1:]:
+        if " vocab " in r["draft"]:
+            continue
         hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in r["training"]["acceptance_during_training"])
         lines.append(f"- {r['draft']}: {hist}")
     lines += ["", f"- protocol: {base['protocol']}",
               f"- training: lr {args.lr}, batch {args.batch_size}, prompts of {args.prompt_tokens} tokens + "
               f"{args.train_new_tokens} continuation tokens, embeddings/LM head frozen; target data = the target's "
               "greedy continuations (offline: top-64 log-probs cached once; online: target inside each step)",
+              "- vocab N: the same draft with its LM head restricted to the N ids most frequent in its training "
+              "continuations (plus special tokens); q is zero elsewhere, decoding stays lossless",
               "- reproduce: `python benchmarks/draft.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"
     js, mdp = write_results(args.name + ("-smoke" if args.smoke else ""), report, md, out=work if args.smoke else RESULTS)

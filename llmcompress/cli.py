@@ -140,6 +140,8 @@ def eval_cmd(
     gammas: Annotated[str, typer.Option(help="--draft: draft tokens per target call, comma-separated")] = "1,2,4",
     spec_prompts: Annotated[int, typer.Option(help="--draft: held-out prompts to decode")] = 4,
     spec_new_tokens: Annotated[int, typer.Option(help="--draft: greedy tokens generated per prompt")] = 32,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="--draft: restrict the draft's LM head to the N most "
+                                                            "frequent token ids of --data (still lossless)")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -160,7 +162,8 @@ def eval_cmd(
         cfg = EvalConfig(perplexity=perplexity, ppl_seq_len=seq_len, ppl_max_windows=max_windows, tasks=task or [],
                          task_limit=task_limit, speed=speed, prefill_len=prefill_len, decode_tokens=decode_tokens)
         graph = load(model, dtype=DTYPES[dtype], device=device)
-        spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens)
+        spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens,
+                                  draft_vocab=draft_vocab)
         heldout = None
         if perplexity or draft:
             corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),
@@ -203,8 +206,8 @@ def _render_eval(r: dict) -> None:
 
 
 def _render_speculative(s: dict) -> None:
-    title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers), "
-             f"c = {s['cost_ratio_c']:.3f}")
+    title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers, "
+             f"head over {s['draft_vocab']:,} ids), c = {s['cost_ratio_c']:.3f}")
     table = Table(title=title, title_justify="left")
     for col in ("gamma", "alpha", "tau", "accepted", "predicted speed-up", "measured speed-up", "identical output"):
         table.add_column(col, justify="right")

@@ -31,6 +31,8 @@ class SpecEvalConfig(BaseModel):
     seed: int = 0
     cost_steps: int = Field(16, gt=0, description="decode steps timed per model for the cost ratio c")
     compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma")
+    draft_vocab: int | None = Field(None, gt=0, description="restrict the draft's LM head to the N most frequent "
+                                    "ids of the training text (plus special tokens): a cheaper draft, still lossless")
 
     @field_validator("gammas")
     @classmethod
@@ -171,8 +173,10 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
             rows[-1] |= {"hf_seconds": r["hf_seconds"], "hf_measured_speedup": base_time / r["hf_seconds"],
                          "hf_identical_output": r["hf_identical"] if greedy else None}
     alpha = sum(r["alpha"] for r in rows) / len(rows)
+    head = draft.get_output_embeddings()
     return {
         "draft_layers": len(draft.model.layers),
+        "draft_vocab": int(head.weight.shape[0]),
         "target_layers": len(target.model.layers),
         "prompts": len(prompts),
         "new_tokens_per_prompt": cfg.new_tokens,
@@ -200,8 +204,15 @@ def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
 
     if getattr(target, "tokenizer", None) is None:
         raise ValueError("speculative evaluation needs the target's tokenizer; the model folder has none")
+    from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
+
     calib = corpus.train_batches(8, 128) if draft_spec.startswith("important:") else None
     draft = init_draft(target, draft_spec, calib)
+    if cfg.draft_vocab:
+        from llmcompress.data import token_stream
+
+        counts = token_counts(token_stream(target.tokenizer, corpus.train_texts), target.config.vocab_size)
+        restrict_vocab(draft, frequent_tokens(counts, cfg.draft_vocab, special_ids(target.tokenizer)))
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.prompts, cfg.prompt_tokens)
     report = evaluate_speculative(target, draft, prompts, cfg, progress)
     return {"draft": draft_spec, "draft_init_layers": getattr(draft, "init_layers", None)} | report

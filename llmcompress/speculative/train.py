@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from llmcompress.speculative import divergences
 from llmcompress.speculative.decode import DecodeStats, speculative_decode
+from llmcompress.speculative.vocab import token_counts
 
 DataSource = Literal["fixed", "target", "on-policy", "mixture"]
 
@@ -165,7 +166,8 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         draft.get_output_embeddings().requires_grad_(False)
     params = [p for p in draft.parameters() if p.requires_grad] + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"step": 0, "tokens": 0, "history": [], "evals": []}
+    state = {"step": 0, "tokens": 0, "history": [], "evals": [],
+             "counts": torch.zeros(target.config.vocab_size, dtype=torch.long)}  # continuation ids seen
     ckpt = out / "checkpoint" if out is not None else None
     if ckpt is not None and (ckpt / "state.json").exists():
         state = _load_checkpoint(ckpt, cfg, draft, proj, opt)
@@ -201,6 +203,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         # matmul of a small draft) and the vocabulary-sized losses run on those alone
         keep = min(cfg.new_tokens + 1, seqs.shape[1])
         mask = continuation_mask(len(seqs), seqs.shape[1], cfg.prompt_tokens).to(device)[:, -keep:]  # [B, keep]
+        state["counts"] += token_counts(seqs[:, -keep:][mask].cpu(), len(state["counts"]))
         draft.train()
         d_out = draft(seqs, output_hidden_states=cfg.online, logits_to_keep=keep)
         if cfg.online:
@@ -234,7 +237,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
             progress("distilling draft", state["step"], total)
     return {"steps": state["step"], "tokens": state["tokens"], "divergence": cfg.divergence, "data": cfg.data,
             "online": cfg.online, "acceptance": state["evals"], "loss_first": _mean_loss(state["history"][:10]),
-            "loss_last": _mean_loss(state["history"][-10:])}
+            "loss_last": _mean_loss(state["history"][-10:]), "continuation_counts": state["counts"]}
 
 
 def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_samples: int = 64,
@@ -251,6 +254,7 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
     draft = init_draft(target, init, windows[:8])
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
     report = train_draft(target, draft, windows, prompts, cfg, out, progress)
+    report.pop("continuation_counts")
     save(draft, out / "model", overwrite=True, tokenizer=target.tokenizer)
     report |= {"init": init, "init_layers": getattr(draft, "init_layers", None), "draft": str(out / "model"),
                "draft_layers": len(draft.model.layers), "train_sequences": len(windows)}
@@ -297,8 +301,10 @@ def _save_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt, state: 
         for k, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v):
                 tensors[f"optim.{n}.{k}"] = v.detach().contiguous()
+    tensors["counts"] = state["counts"]
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"config": cfg.model_dump(), **state}, indent=1))
+    meta = {k: v for k, v in state.items() if k != "counts"}
+    (tmp / "state.json").write_text(json.dumps({"config": cfg.model_dump(), **meta}, indent=1))
     if folder.exists():
         for f in folder.iterdir():
             f.unlink()
@@ -318,7 +324,8 @@ def _load_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt) -> dict
             st = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
             if st:
                 opt.state[p] = st
-    return {k: meta[k] for k in ("step", "tokens", "history", "evals")}
+    counts = tensors.get("counts", torch.zeros(draft.config.vocab_size, dtype=torch.long))
+    return {k: meta[k] for k in ("step", "tokens", "history", "evals")} | {"counts": counts}
 
 
 def _run_identity(config: dict) -> dict:

@@ -8,6 +8,7 @@ from _micro import micro_model
 from llmcompress.speculative.decode import (feed, prefill, residual, rollback, speculative_decode, target_decode,
                                             verify)
 from llmcompress.speculative.draft_init import keep_layers
+from llmcompress.speculative.vocab import restrict_vocab
 
 PROMPTS = [[5, 17, 33, 2, 9], [7]]
 
@@ -75,11 +76,15 @@ def _exact_two_token_law(model, prompt, temperature):
     return p1[:, None] * p2
 
 
-def test_sampling_matches_target_law():
-    """Chi-square test of the first two sampled tokens against the target's exact law (36 cells, fixed seed)."""
+@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 3]])
+def test_sampling_matches_target_law(draft_vocab):
+    """Chi-square test of the first two sampled tokens against the target's exact law (36 cells, fixed seed).
+    With a restricted draft vocabulary, q is zero on half the ids: the law must still be the target's."""
     g, temperature, n = torch.Generator().manual_seed(1234), 0.8, 800
     target = micro_model(layers=2, seed=0)
     draft = micro_model(layers=1, seed=1)  # an unrelated draft: many rejections and residual draws
+    if draft_vocab is not None:
+        restrict_vocab(draft, torch.tensor(draft_vocab))
     prompt = torch.tensor([[1, 2, 3]])
     exact = _exact_two_token_law(target, prompt, temperature).flatten()
     draft_law = _exact_two_token_law(draft, prompt, temperature).flatten()

@@ -55,6 +55,7 @@ def test_training_reduces_the_divergence(kw):
     target, draft, windows, prompts = _setup()
     report = train_draft(target, draft, windows, prompts, _cfg(**kw))
     assert report["steps"] == report["acceptance"][-1]["step"] and report["tokens"] > 0
+    assert report["continuation_counts"].sum() == report["tokens"]  # the ids trained on, for a draft vocabulary
     assert report["loss_last"] < report["loss_first"]
     if not kw:  # the long run: acceptance on held-out prompts grows with training
         assert report["acceptance"][-1]["alpha"] > report["acceptance"][0]["alpha"]
@@ -62,12 +63,13 @@ def test_training_reduces_the_divergence(kw):
 
 def test_resume_continues_the_same_run(tmp_path):
     target, draft_a, windows, prompts = _setup()
-    train_draft(target, draft_a, windows, prompts, _cfg(steps=6, checkpoint_every=3))
+    full = train_draft(target, draft_a, windows, prompts, _cfg(steps=6, checkpoint_every=3))
     _, draft_b, _, _ = _setup()
     train_draft(target, draft_b, windows, prompts, _cfg(steps=3, checkpoint_every=3), out=tmp_path)
     _, draft_c, _, _ = _setup()  # a fresh process: resumes at step 3 from the checkpoint, goes on to 6
     report = train_draft(target, draft_c, windows, prompts, _cfg(steps=6, checkpoint_every=3), out=tmp_path)
     assert report["steps"] == 6
+    assert torch.equal(report["continuation_counts"], full["continuation_counts"])  # counts survive the resume
     for pa, pc in zip(draft_a.parameters(), draft_c.parameters()):
         assert torch.allclose(pa, pc, atol=1e-6)
     with pytest.raises(ValueError, match="another configuration"):
