@@ -459,6 +459,10 @@ def prune(
     cost_table: Annotated[Optional[Path], typer.Option(help="ziplm: cost table of the target device (llmcompress "
                                                             "profile); default: profile the model here first")] = None,
     refine: Annotated[int, typer.Option(help="ziplm: rounds of measuring each model and correcting its budget")] = 1,
+    gradual: Annotated[bool, typer.Option(help="ziplm: reach the targets in sequence, distilling from the dense "
+                                               "model after each (hidden-state MSE + logit KL)")] = False,
+    gradual_tokens: Annotated[int, typer.Option(help="ziplm --gradual: distillation tokens after each target")]
+    = 65536,
     data: Annotated[str, typer.Option(help="calibration text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
     field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
     heldout_rows: Annotated[int, typer.Option(help="the last N documents of --data are never used")] = 200,
@@ -478,7 +482,7 @@ def prune(
     with user_errors():
         if method == "ziplm":
             _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
-                   percdamp, speedups, metric, cost_table, refine)
+                   percdamp, speedups, metric, cost_table, refine, gradual, gradual_tokens)
             return
         from llmcompress.oneshot import PruneConfig, check_prunable, prune_model
 
@@ -489,7 +493,7 @@ def prune(
 
 
 def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
-           percdamp, speedups, metric, cost_table, refine) -> None:
+           percdamp, speedups, metric, cost_table, refine, gradual=False, gradual_tokens=65536) -> None:
     from llmcompress.data import Corpus, DataConfig
     from llmcompress.hardware.profile import load_table, save_table
     from llmcompress.models import load
@@ -504,7 +508,8 @@ def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_
     except ValueError:
         raise UserError(f"--speedups {speedups!r} must be comma-separated numbers, e.g. 1.25,1.5,2.0") from None
     cfg = ZipLMConfig(speedups=targets, metric=metric, num_samples=num_samples, seq_len=seq_len,
-                      batch_size=batch_size, percdamp=percdamp, refine=refine)
+                      batch_size=batch_size, percdamp=percdamp, refine=refine, gradual=gradual,
+                      gradual_tokens=gradual_tokens)
     if out.exists() and any(out.iterdir()) and not overwrite and not (out / "database").exists():
         raise FileExistsError(f"{out} exists and is not a ZipLM output; pass --overwrite or choose another folder")
     table = load_table(cost_table) if cost_table is not None else None
@@ -522,7 +527,8 @@ def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_
                 save_table(table, out / "cost_table.json", overwrite=True)
         _, report = run_ziplm(graph, tokens, cfg, table, out, progress=update)
     _write_json_atomic(out / "report.json", report)
-    t = Table(title=f"ZipLM on {report['device']} ({metric}, batch {cfg.batch})", title_justify="left")
+    mode = f"gradual, {gradual_tokens:,} distillation tokens per target" if gradual else "one-shot"
+    t = Table(title=f"ZipLM on {report['device']} ({metric}, batch {cfg.batch}; {mode})", title_justify="left")
     for col in ("target", "predicted", "measured", "params", "checkpoint"):
         t.add_column(col, justify="right")
     for m in report["models"]:

@@ -63,9 +63,23 @@ def default_levels(total: int, steps: int, multiple: int = 1) -> list[int]:
 
 def _check_graph(graph: ModelGraph) -> None:
     for i, layer in enumerate(graph.model.layers):
-        if not isinstance(layer.self_attn, Attention) or not isinstance(layer.mlp, MLP):
-            raise ValueError(f"layer {i} is {blocks(graph)[i].describe()}; ZipLM prunes full GQA attention and "
-                             "MLP blocks: start from the parent model (or a layer-pruned one)")
+        if not isinstance(layer.self_attn, (Attention, type(None))) or not isinstance(layer.mlp, (MLP, type(None))):
+            raise ValueError(f"layer {i} is {blocks(graph)[i].describe()}; ZipLM prunes GQA attention and MLP "
+                             "blocks (full, narrower or removed): start from the parent model or a ZipLM result")
+
+
+def widths(graph: ModelGraph) -> list[tuple[int, int]]:
+    """(KV groups, FFN channels) per layer; 0 for a removed part."""
+    out = []
+    for b in blocks(graph):
+        a = 0 if b.attention.kind == "noop" else b.attention.num_kv_heads
+        f = 0 if b.ffn.kind == "noop" else b.ffn.intermediate_size
+        out.append((a, f))
+    return out
+
+
+def _empty_level(rows: int) -> Level:
+    return Level(kept=torch.zeros(0, dtype=torch.long), weight=torch.zeros(rows, 0), error=0.0)
 
 
 def _save_layer(folder: Path, i: int, entry: LayerEntry) -> None:
@@ -109,14 +123,15 @@ def build_database(graph: ModelGraph, tokens: torch.Tensor, ffn_levels: list[int
     rep = cfg.num_attention_heads // groups
     ffn_levels = ffn_levels or default_levels(cfg.intermediate_size, 16, 32)
     attn_levels = attn_levels or list(range(groups, -1, -1))
+    current = widths(graph)
     for i, b in enumerate(blocks(graph)):
-        if b.ffn.intermediate_size != cfg.intermediate_size or b.attention.num_kv_heads != groups \
-                or b.attention.num_heads != cfg.num_attention_heads:
-            raise ValueError(f"layer {i} ({b.describe()}) is not the parent block; ZipLM's database is built on "
-                             "the unpruned model")
+        if b.attention.kind != "noop" and b.attention.num_heads != rep * b.attention.num_kv_heads:
+            raise ValueError(f"layer {i} ({b.describe()}) does not keep the parent's {rep} query heads per KV group")
     settings = {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "ffn_levels": ffn_levels,
                 "attn_levels": attn_levels, "percdamp": percdamp, "attn_width": rep * cfg.head_dim,
                 "layers": len(graph.model.layers)}
+    if any(w != (groups, cfg.intermediate_size) for w in current):  # an already-pruned model (gradual mode)
+        settings["widths"] = [list(w) for w in current]
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         meta = folder / "settings.json"
@@ -138,18 +153,33 @@ def build_database(graph: ModelGraph, tokens: torch.Tensor, ffn_levels: list[int
         entry = _load_layer(path) if cached else LayerEntry()
         if not cached:
             entry.residual_energy = float(sum(x.double().pow(2).sum() for x, _, _ in inputs))
-        with capture_inputs({"o": attn.o_proj}, hessian=not cached) as st_o:
-            mids = [(x + attn(layer.input_layernorm(x), cos, sin, None, None), cos, sin) for x, cos, sin in inputs]
-        with capture_inputs({"d": mlp.down_proj}, hessian=not cached) as st_d:
-            outs = [(x + mlp(layer.post_attention_layernorm(x)), cos, sin) for x, cos, sin in mids]
+        a_now, f_now = current[idx]
+        # levels: the search's sizes at most this layer's current width, and the current width itself
+        a_levels = sorted({lv for lv in attn_levels if lv <= a_now} | {a_now}, reverse=True)
+        f_levels = sorted({lv for lv in ffn_levels if lv <= f_now} | {f_now}, reverse=True)
+        mids = inputs
+        if attn is not None:
+            with capture_inputs({"o": attn.o_proj}, hessian=not cached) as st_o:
+                mids = [(x + attn(layer.input_layernorm(x), cos, sin, None, None), cos, sin) for x, cos, sin in inputs]
+        outs = mids
+        if mlp is not None:
+            with capture_inputs({"d": mlp.down_proj}, hessian=not cached) as st_d:
+                outs = [(x + mlp(layer.post_attention_layernorm(x)), cos, sin) for x, cos, sin in mids]
         if not cached:
-            Ho, Hd = st_o["o"].H, st_d["d"].H
-            entry.attn = obs_levels(attn.o_proj.weight, Ho, rep * cfg.head_dim, attn_levels, n_tok, percdamp)
-            entry.ffn = obs_levels(mlp.down_proj.weight, Hd, 1, ffn_levels, n_tok, percdamp)
-            entry.attn_energy = output_energy(attn.o_proj.weight, Ho, n_tok)
-            entry.ffn_energy = output_energy(mlp.down_proj.weight, Hd, n_tok)
-            entry.ffn_scores = activation_channel_scores(mlp.down_proj.weight.float(), st_d["d"].sqnorm).cpu()
-            entry.attn_scores = st_o["o"].sqnorm.reshape(groups, -1).sum(1).cpu()
+            if attn is not None:
+                Ho = st_o["o"].H
+                entry.attn = obs_levels(attn.o_proj.weight, Ho, rep * cfg.head_dim, a_levels, n_tok, percdamp)
+                entry.attn_energy = output_energy(attn.o_proj.weight, Ho, n_tok)
+                entry.attn_scores = st_o["o"].sqnorm.reshape(a_now, -1).sum(1).cpu()
+            else:
+                entry.attn, entry.attn_scores = {0: _empty_level(cfg.hidden_size)}, torch.zeros(0)
+            if mlp is not None:
+                Hd = st_d["d"].H
+                entry.ffn = obs_levels(mlp.down_proj.weight, Hd, 1, f_levels, n_tok, percdamp)
+                entry.ffn_energy = output_energy(mlp.down_proj.weight, Hd, n_tok)
+                entry.ffn_scores = activation_channel_scores(mlp.down_proj.weight.float(), st_d["d"].sqnorm).cpu()
+            else:
+                entry.ffn, entry.ffn_scores = {0: _empty_level(cfg.hidden_size)}, torch.zeros(0)
             if path is not None:
                 _save_layer(folder, idx, entry)
         entries.append(entry)
@@ -273,6 +303,7 @@ def realise(graph: ModelGraph, db: Database, choice: list[tuple[int, int]], toke
         return out
     cfg = graph.config
     rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    current = widths(graph)
     home = next(out.parameters()).device
     device = torch.device(device) if device is not None else home
     with torch.no_grad():
@@ -280,7 +311,7 @@ def realise(graph: ModelGraph, db: Database, choice: list[tuple[int, int]], toke
         n_tok = int(tokens.numel())
         for i, (a, f) in enumerate(choice):
             layer = out.model.layers[i].to(device)
-            if a != cfg.num_key_value_heads:
+            if a != current[i][0]:
                 if a:
                     with capture_inputs({"o": layer.self_attn.o_proj}) as st:
                         for x, cos, sin in inputs:
@@ -294,7 +325,7 @@ def realise(graph: ModelGraph, db: Database, choice: list[tuple[int, int]], toke
             if layer.self_attn is not None:
                 inputs = [(x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, None), cos, sin)
                           for x, cos, sin in inputs]
-            if f != cfg.intermediate_size:
+            if f != current[i][1]:
                 if f:
                     with capture_inputs({"d": layer.mlp.down_proj}) as st:
                         for x, _, _ in inputs:
@@ -332,4 +363,4 @@ def realise_uniform(graph: ModelGraph, db: Database, kv_groups: int, ffn_kept: i
 
 
 __all__ = ["Database", "LayerEntry", "block_of", "build_database", "default_levels", "load_database", "part_costs",
-           "part_errors", "realise", "realise_uniform"]
+           "part_errors", "realise", "realise_uniform", "widths"]

@@ -8,6 +8,12 @@
 5. Optionally measure each realised model on this device and, when the measured speed-up misses the target,
    rescale the budget by measured / requested and search again (`refine` rounds): the table predicts relative
    costs well, the end-to-end run corrects what it misses (e.g. cache effects of the whole model).
+
+Gradual mode (`gradual`) reaches the targets in sequence instead of each from the dense model: prune to the
+first target, distil the result from the dense model (per-layer normalised hidden-state MSE + logit KL,
+`puzzle.gkd.train_gkd`, `gradual_tokens` per target), rebuild the database on the distilled model (its levels
+are the search's sizes at most each layer's current width) and prune it to the next target, and so on. Speed-ups
+stay relative to the dense model. Each model of the family is then the distilled one.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ class ZipLMConfig(BaseModel):
     percdamp: float = Field(0.01, gt=0)
     batch_size: int = Field(8, gt=0)
     buckets: int = Field(20000, gt=100, description="resolution of the DP's time axis")
+    gradual: bool = Field(False, description="reach the targets in sequence, distilling from the dense model "
+                                             "between them (module doc)")
+    gradual_tokens: int = Field(65536, ge=0, description="gradual: distillation tokens after each target")
+    gradual_lr: float = Field(1e-4, gt=0, description="gradual: distillation learning rate")
+    gradual_batch: int = Field(4, gt=0, description="gradual: distillation batch size (sequences)")
 
     @field_validator("speedups")
     @classmethod
@@ -89,14 +100,19 @@ def uniform_for_budget(db: Database, costs, errors, constant: float, budget: flo
 
 
 def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, tokens: torch.Tensor | None = None,
-                 measure: bool = True, uniform: bool = False, progress: Progress | None = None
-                 ) -> list[dict]:
-    """One pruned model per target speed-up. -> [{speedup, model, predicted_speedup, measured_speedup, ...}]"""
+                 measure: bool = True, uniform: bool = False, progress: Progress | None = None,
+                 reference: tuple[float, float | None] | None = None) -> list[dict]:
+    """One pruned model per target speed-up. -> [{speedup, model, predicted_speedup, measured_speedup, ...}]
+    reference: (predicted, measured) ms of the model the speed-ups refer to, when `graph` is not that model
+    (gradual mode); by default `graph` itself."""
     costs, constant = part_costs(db, graph.config, cost_model, cfg.metric, cfg.batch)
     errors = part_errors(db, cfg.normalise)
     dp = KnapsackDP(costs, errors, cfg.buckets)
-    dense_pred = constant + sum(c[0] for c in costs)
-    dense_meas = measure_latency(graph, cfg.metric, cfg.batch, cost_model.table) if measure else None
+    if reference is None:
+        dense_pred = constant + sum(c[0] for c in costs)
+        dense_meas = measure_latency(graph, cfg.metric, cfg.batch, cost_model.table) if measure else None
+    else:
+        dense_pred, dense_meas = reference
     results = []
     for n, target in enumerate(cfg.speedups):
         budget = dense_pred / target
@@ -134,6 +150,41 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
 
 
 
+def prune_gradual(graph: ModelGraph, tokens: torch.Tensor, cost_model, cfg: ZipLMConfig, train: torch.Tensor,
+                  folder=None, measure: bool = True, progress: Progress | None = None) -> list[dict]:
+    """Gradual mode (module doc): targets in increasing order, each pruned from the previous target's distilled
+    model. train: [N, S] distillation windows. folder: databases and distillation checkpoints (resumable).
+    -> rows as `prune_family`'s, each with its "distillation" report"""
+    from pathlib import Path
+
+    from llmcompress.prune.database import build_database, default_levels
+    from llmcompress.puzzle.gkd import GKDConfig, train_gkd
+
+    folder = Path(folder) if folder is not None else None
+    levels = default_levels(graph.config.intermediate_size, cfg.ffn_steps, cfg.ffn_multiple)
+    gcfg = GKDConfig(tokens=cfg.gradual_tokens, batch_size=cfg.gradual_batch, lr=cfg.gradual_lr, cosine_weight=0.0,
+                     mse_weight=1.0, kl_weight=1.0)
+    current, reference, rows = graph, None, []
+    for n, target in enumerate(cfg.speedups):
+        sub = folder / f"gradual-{n}-{target:g}" if folder is not None else None
+        # the first database is the dense model's, shared with the one-shot mode
+        where = None if folder is None else (folder / "database" if n == 0 else sub / "database")
+        db = build_database(current, tokens, levels, folder=where,
+                            batch_size=cfg.batch_size, percdamp=cfg.percdamp, progress=progress)
+        step = cfg.model_copy(update={"speedups": [target]})
+        row = prune_family(current, db, cost_model, step, tokens, measure, progress=progress, reference=reference)[0]
+        if reference is None:
+            reference = (row["dense_predicted_ms"], row["dense_measured_ms"])
+        report = train_gkd(graph, row["model"], train, gcfg, folder=sub, progress=progress)
+        row["distillation"] = {"steps": report["step"]} | {k: report[k] for k in ("tokens", "seconds", "protocol")} | {
+            "loss_first": report["history"][0]["loss"] if report["history"] else None,
+            "loss_last": report["history"][-1]["loss"] if report["history"] else None}
+        row["params"] = count_params(row["model"])
+        rows.append(row)
+        current = row["model"]
+    return rows
+
+
 def profile_for(graph: ModelGraph, cfg: ZipLMConfig, clock: str = "wall", progress: Progress | None = None,
                 **profile_kw):
     """A cost table of `graph` on its own device holding every FFN level of the search (no interpolation).
@@ -162,9 +213,13 @@ def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, 
 
     out = Path(out)
     size = graph.config.intermediate_size
-    db = build_database(graph, tokens, default_levels(size, cfg.ffn_steps, cfg.ffn_multiple), folder=out / "database",
-                        batch_size=cfg.batch_size, percdamp=cfg.percdamp, progress=progress)
-    rows = prune_family(graph, db, CostModel(table), cfg, tokens, measure, uniform, progress)
+    if cfg.gradual:
+        rows = prune_gradual(graph, tokens, CostModel(table), cfg, tokens, out, measure, progress)
+    else:
+        db = build_database(graph, tokens, default_levels(size, cfg.ffn_steps, cfg.ffn_multiple),
+                            folder=out / "database", batch_size=cfg.batch_size, percdamp=cfg.percdamp,
+                            progress=progress)
+        rows = prune_family(graph, db, CostModel(table), cfg, tokens, measure, uniform, progress)
     tokenizer = getattr(graph, "tokenizer", None)
     report = {"device": table.device, "metric": cfg.metric, "batch": cfg.batch,
               "calibration": f"{len(tokens)} sequences of {tokens.shape[1]} tokens", "models": []}
@@ -176,4 +231,7 @@ def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, 
             entry["uniform"] = {k: v for k, v in row["uniform"].items() if k != "model"}
         report["models"].append(entry)
     return rows, report
-__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "profile_for", "prune_family", "run_ziplm", "uniform_for_budget"]
+
+
+__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "profile_for", "prune_family", "prune_gradual",
+           "run_ziplm", "uniform_for_budget"]

@@ -5,6 +5,7 @@ initialisations), loading the BLD weights of the chosen attention and FFN varian
 
 GKD loss per batch of token windows (teacher = parent, student = assembled model):
     cosine_weight * mean over layers l of mean over tokens of (1 - cos(h_teacher_l, h_student_l))
+  + mse_weight    * mean over layers l of ||h_teacher_l - h_student_l||² / ||h_teacher_l||²  (normalised MSE)
   + kl_weight     * KL(teacher || student) of the next-token distributions
   + lm_weight     * next-token cross-entropy of the student (off by default)
 where h_l is the residual stream after layer l (the student keeps the parent's layer count: a removed
@@ -48,6 +49,7 @@ class GKDConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     cosine_weight: float = Field(1.0, ge=0, description="weight of the per-layer hidden-state cosine distance")
+    mse_weight: float = Field(0.0, ge=0, description="weight of the per-layer normalised hidden-state MSE")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on the logits")
     lm_weight: float = Field(0.0, ge=0, description="weight of the student's LM loss (off by default)")
     checkpoint_every: int = Field(50, gt=0)
@@ -58,6 +60,12 @@ class GKDConfig(BaseModel):
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of 1 - cos(a_t, b_t). a, b: [B, S, D] -> scalar"""
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+def normalised_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a - b||² / ||a||² over all tokens (a = teacher). a, b: [B, S, D] -> scalar"""
+    a, b = a.float(), b.float()
+    return (a - b).pow(2).sum() / a.pow(2).sum().clamp_min(1e-12)
 
 
 def gkd_loss(teacher_hidden: Sequence[torch.Tensor], student_hidden: Sequence[torch.Tensor],
@@ -72,6 +80,9 @@ def gkd_loss(teacher_hidden: Sequence[torch.Tensor], student_hidden: Sequence[to
     if cfg.cosine_weight:
         cos = torch.stack([cosine_distance(t, s) for t, s in zip(teacher_hidden[1:], student_hidden[1:])]).mean()
         loss, parts["cosine"] = loss + cfg.cosine_weight * cos, cos.item()
+    if cfg.mse_weight:
+        mse = torch.stack([normalised_mse(t, s) for t, s in zip(teacher_hidden[1:], student_hidden[1:])]).mean()
+        loss, parts["mse"] = loss + cfg.mse_weight * mse, mse.item()
     if cfg.kl_weight:
         kl = kl_div(teacher_logits, student_logits)
         loss, parts["kl"] = loss + cfg.kl_weight * kl, kl.item()
@@ -150,7 +161,9 @@ def train_gkd(teacher: ModelGraph, student: ModelGraph, tokens: torch.Tensor, cf
     params = dict(student.named_parameters())  # tied weights appear once
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "tokens": 0, "history": []}
-    identity = {"config": cfg.model_dump(exclude={"tokens", "checkpoint_every"}),
+    # a zero mse_weight is left out so checkpoints written before that field existed still resume
+    skip = {"tokens", "checkpoint_every"} | ({"mse_weight"} if not cfg.mse_weight else set())
+    identity = {"config": cfg.model_dump(exclude=skip),
                 "blocks": [b.describe() for b in blocks(student)], "tokens": _digest(tokens)}
     ckpt = Path(folder) / f"checkpoint-{_digest(identity)}" if folder is not None else None
     if ckpt is not None and (ckpt / "state.json").exists():
@@ -183,7 +196,8 @@ def train_gkd(teacher: ModelGraph, student: ModelGraph, tokens: torch.Tensor, cf
     student.eval()
     return {**state, "resumed_from": resumed_from, "seconds": time.perf_counter() - t0,
             "protocol": f"{cfg.tokens} token budget, {len(tokens)} windows of {tokens.shape[1]} tokens sampled "
-                        f"with replacement; loss = {cfg.cosine_weight} cosine + {cfg.kl_weight} KL + "
+                        f"with replacement; loss = {cfg.cosine_weight} cosine + {cfg.mse_weight} MSE + "
+                        f"{cfg.kl_weight} KL + "
                         f"{cfg.lm_weight} LM"}
 
 
