@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
+    ap.add_argument("--gradual-tokens", type=int, default=0,
+                    help="also run gradual mode (targets in sequence, distilled from dense after each) with this "
+                         "many distillation tokens per target (0: skip)")
     ap.add_argument("--train-threads", type=int, default=0,
                     help="torch threads while distilling (0: same as --threads); latencies always use --threads")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"))
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
                                             "calibration": f"{samples} x {seq_len} tokens (first 800 rows)",
                                             "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
                   "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
-                  "results": [r for r, _, _ in results], "distill": distill}
+                  "results": [r for r, _, _ in results], "distill": distill, "gradual": gradual}
         lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
                  f"(errors normalised: {args.normalise})\n",
                  f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
@@ -138,6 +141,14 @@ def main(argv=None) -> int:
                 lines.append(f"| {e['target']:g}x | {e['ziplm']['perplexity']:.2f} ({e['ziplm']['perplexity'] / d:.2f}x) "
                              f"| {e['uniform']['perplexity']:.2f} ({e['uniform']['perplexity'] / d:.2f}x) | "
                              f"{e['ziplm']['seconds'] / 60:.1f} / {e['uniform']['seconds'] / 60:.1f} |")
+        if gradual:
+            lines += ["", f"Gradual mode ({args.gradual_tokens:,} distillation tokens after each target, normalised "
+                          "hidden MSE + logit KL from the dense model; each target pruned from the previous one):", "",
+                      "| target | predicted | measured | params | ppl (x dense) | distillation tokens so far |",
+                      "|---|--:|--:|--:|--:|--:|"]
+            for e in gradual:
+                lines.append(f"| {e['target']:g}x | {e['predicted']:.3f}x | {e['measured']:.3f}x | {e['params']:,} | "
+                             f"{e['perplexity']:.2f} ({e['perplexity'] / d:.2f}x) | {e['cumulative_tokens']:,} |")
         lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
                   f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
                   f"{table.settings.prompt_len}) with the cost table's clock; predicted from the table "
@@ -151,7 +162,7 @@ def main(argv=None) -> int:
         print(f"written {js} and {mdp}")
 
 
-    distill = []
+    distill, gradual = [], []
     report_out()  # the one-shot table now; rewritten after each distilled model
     if args.distill_tokens:
         torch.set_num_threads(args.train_threads or args.threads)

@@ -243,6 +243,8 @@ def draft(
     eval_every: Annotated[int, typer.Option(help="steps between acceptance measurements")] = 50,
     eval_prompts: Annotated[int, typer.Option(help="held-out prompts of each acceptance measurement")] = 4,
     eval_new_tokens: Annotated[int, typer.Option(help="greedy tokens per acceptance prompt")] = 32,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="save the draft with an LM head over the N token ids "
+                                                            "most frequent in its training continuations")] = None,
     corpus: Annotated[str, typer.Option(help="text: .txt/.jsonl/.parquet, hf:NAME or synthetic")] = "synthetic",
     field: Annotated[str, typer.Option(help="text field of .jsonl/.parquet rows")] = "text",
     heldout_rows: Annotated[int, typer.Option(help="the last N documents give the acceptance prompts")] = 200,
@@ -269,7 +271,8 @@ def draft(
         cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, online=online, steps=steps,
                             tokens=tokens, batch_size=batch_size, lr=lr, prompt_tokens=prompt_tokens,
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
-                            eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens)
+                            eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens,
+                            draft_vocab=draft_vocab)
         graph = load(target, dtype=DTYPES[dtype], device=device)
         text = Corpus(DataConfig(source=corpus, field=field, heldout_rows=heldout_rows), graph.tokenizer,
                       teacher=graph, cache=cache_dir())
@@ -282,7 +285,8 @@ def draft(
         for e in report["acceptance"]:
             table.add_row(str(e["step"]), f"{e['tokens']:,}", f"{e['alpha']:.3f}", f"{e['tau']:.2f}")
         out_console.print(table)
-        console.print(f"draft written to {report['draft']}")
+        vocab = f" (LM head over {report['draft_vocab']:,} frequent ids)" if report.get("draft_vocab") else ""
+        console.print(f"draft written to {report['draft']}{vocab}")
 
 
 # ----------------------------------------------------------------------------- run

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 
+from pathlib import Path
+
 import torch
 
 from llmcompress.models import load, remove_layers
@@ -82,6 +84,11 @@ def init_draft(target, spec: str, calib_tokens: torch.Tensor | None = None, dtyp
         ref = next(target.parameters())
         draft = load(spec, dtype=dtype or ref.dtype, device=str(ref.device))
         check_compatible(target, draft)
+        from llmcompress.speculative.vocab import load_vocab, restrict_vocab
+
+        keep = load_vocab(spec) if Path(spec).is_dir() else None
+        if keep is not None:  # the draft was saved with a frequent-token head
+            restrict_vocab(draft, keep)
     draft.tokenizer = getattr(target, "tokenizer", None) or getattr(draft, "tokenizer", None)
     return draft.eval()
 

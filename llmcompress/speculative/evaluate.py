@@ -210,6 +210,12 @@ def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
     draft = init_draft(target, draft_spec, calib)
     if cfg.draft_vocab:
         from llmcompress.data import token_stream
+        from llmcompress.speculative.vocab import SubsetHead
+
+        if isinstance(draft.get_output_embeddings(), SubsetHead):
+            raise ValueError(f"draft {draft_spec} already carries a vocabulary of "
+                             f"{draft.get_output_embeddings().weight.shape[0]} ids (draft_vocab.json); "
+                             "leave out --draft-vocab, or remove that file to choose another size")
 
         counts = token_counts(token_stream(target.tokenizer, corpus.train_texts), target.config.vocab_size)
         restrict_vocab(draft, frequent_tokens(counts, cfg.draft_vocab, special_ids(target.tokenizer)))

@@ -61,6 +61,8 @@ class DistillConfig(BaseModel):
                                     "then only moves its layers and final norm, each step is cheaper")
     steps: int | None = Field(200, gt=0, description="stop after this many steps")
     tokens: int | None = Field(None, gt=0, description="stop after this many continuation tokens")
+    draft_vocab: int | None = Field(None, gt=0, description="save the draft with an LM head over the N ids most "
+                                    "frequent in its training continuations (plus special tokens): cheaper, lossless")
     eval_every: int = Field(50, gt=0)
     eval_prompts: int = Field(4, gt=0)
     eval_new_tokens: int = Field(32, gt=0)
@@ -254,8 +256,15 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
     draft = init_draft(target, init, windows[:8])
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
     report = train_draft(target, draft, windows, prompts, cfg, out, progress)
-    report.pop("continuation_counts")
+    counts = report.pop("continuation_counts")
     save(draft, out / "model", overwrite=True, tokenizer=target.tokenizer)
+    if cfg.draft_vocab:
+        from llmcompress.speculative.vocab import frequent_tokens, save_vocab, special_ids
+
+        keep = frequent_tokens(counts, cfg.draft_vocab, special_ids(target.tokenizer))
+        save_vocab(out / "model", keep, target.config.vocab_size, f"the {cfg.draft_vocab} ids most frequent in "
+                   f"{int(counts.sum()):,} training continuation tokens, plus special tokens")
+        report["draft_vocab"] = cfg.draft_vocab
     report |= {"init": init, "init_layers": getattr(draft, "init_layers", None), "draft": str(out / "model"),
                "draft_layers": len(draft.model.layers), "train_sequences": len(windows)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -330,7 +339,8 @@ def _load_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt) -> dict
 
 def _run_identity(config: dict) -> dict:
     """The settings a checkpoint must share to be resumed (the budget and logging cadence may change)."""
-    return {k: v for k, v in config.items() if k not in ("steps", "tokens", "eval_every", "checkpoint_every")}
+    return {k: v for k, v in config.items()
+            if k not in ("steps", "tokens", "eval_every", "checkpoint_every", "draft_vocab")}
 
 
 def _param_names(draft, proj) -> dict[str, torch.nn.Parameter]:

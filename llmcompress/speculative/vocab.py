@@ -13,6 +13,8 @@ lowest value, so every caller (sampling, verification, divergences) keeps seeing
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -95,4 +97,28 @@ def head_mass(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)[..., keep].sum(-1).mean()
 
 
-__all__ = ["SubsetHead", "frequent_tokens", "head_mass", "restrict_vocab", "special_ids", "token_counts"]
+VOCAB_FILE = "draft_vocab.json"
+
+
+def save_vocab(folder: str | Path, keep: torch.Tensor, vocab_size: int, source: str) -> Path:
+    """Store a draft's proposal ids next to its checkpoint (`draft_vocab.json`: ids, vocabulary size, where the
+    frequencies came from); `init_draft` applies it when it loads the folder."""
+    path = Path(folder) / VOCAB_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"vocab_size": vocab_size, "source": source, "ids": [int(i) for i in keep]}))
+    tmp.rename(path)
+    return path
+
+
+def load_vocab(folder: str | Path) -> torch.Tensor | None:
+    """The ids stored by `save_vocab` in a draft folder, or None when it holds none. -> [K]"""
+    path = Path(folder) / VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.tensor(json.loads(path.read_text())["ids"], dtype=torch.long)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a draft vocabulary (a JSON object with an 'ids' list): {e}") from None
+
+
+__all__ = ["SubsetHead", "load_vocab", "save_vocab", "frequent_tokens", "head_mass", "restrict_vocab", "special_ids", "token_counts"]

@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from _tiny import assert_user_error
 from typer.testing import CliRunner
 
 from llmcompress.cli import app
+from llmcompress.models import load as load_graph
 from llmcompress.speculative.decode import speculative_decode, target_decode
 from llmcompress.speculative.draft_init import keep_layers
 from llmcompress.speculative.vocab import (SubsetHead, frequent_tokens, head_mass, restrict_vocab, special_ids,
@@ -76,3 +78,30 @@ def test_cli_eval_draft_vocab(tiny_hf_dir, corpus_file, tmp_path):
     spec = json.loads(report.read_text())["speculative"]
     assert spec["draft_vocab"] == 24 and spec["gammas"][0]["identical_output"] is True
     assert "head over 24 ids" in r.output
+
+
+def test_draft_saved_with_its_vocabulary(tiny_hf_dir, corpus_file, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "d"
+    train = ["draft", "--target", str(tiny_hf_dir), "--init", "layers:2", "--data", "fixed", "--steps", "2",
+             "--prompt-tokens", "8", "--new-tokens", "8", "--num-samples", "8", "--eval-every", "2",
+             "--eval-prompts", "1", "--eval-new-tokens", "4", "--corpus", str(corpus_file), "--heldout-rows", "10",
+             "--out", str(out), "--draft-vocab", "30"]
+    r = runner.invoke(app, train)
+    assert r.exit_code == 0, r.output
+    assert "LM head over 30 frequent ids" in " ".join(r.output.split())
+    stored = json.loads((out / "model" / "draft_vocab.json").read_text())
+    assert len(stored["ids"]) == 30 and stored["vocab_size"] == load_graph(tiny_hf_dir).config.vocab_size
+    report = tmp_path / "r.json"
+    common = ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--data", str(corpus_file),
+              "--heldout-rows", "10", "--draft", str(out / "model"), "--gammas", "2", "--spec-prompts", "1",
+              "--spec-new-tokens", "5"]
+    r = runner.invoke(app, common + ["--report", str(report)])
+    assert r.exit_code == 0, r.output
+    spec = json.loads(report.read_text())["speculative"]
+    assert spec["draft_vocab"] == 30 and spec["gammas"][0]["identical_output"] is True
+    r = runner.invoke(app, common + ["--draft-vocab", "10"])
+    assert_user_error(r, "already carries a vocabulary of 30 ids")
+    (out / "model" / "draft_vocab.json").write_text("[1, 2]")
+    r = runner.invoke(app, common)
+    assert_user_error(r, "is not a draft vocabulary")
