@@ -5,7 +5,6 @@ import itertools
 import pytest
 import torch
 
-from llmcompress.models import load
 from llmcompress.models.graph import blocks
 from llmcompress.prune.database import (block_of, build_database, default_levels, load_database, part_costs,
                                         part_errors, realise, realise_uniform)
@@ -76,13 +75,6 @@ def test_dp_matches_brute_force_and_reports_infeasible_budgets():
         assert sol.error <= ref.error + 1e-6 or sol.cost > budget - parts * dp.unit  # exact up to rounding
     with pytest.raises(ValueError, match="cheapest costs 2"):
         KnapsackDP([[1.0, 2.0], [1.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]]).solve(1.5)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf_dir):
-    g = load(str(tiny_hf_dir))
-    tokens = torch.randint(0, g.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    return g, tokens
 
 
 def test_database_resumes_and_full_levels_change_nothing(tiny, tmp_path):

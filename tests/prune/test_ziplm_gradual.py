@@ -15,13 +15,6 @@ from llmcompress.prune.ziplm_family import ZipLMConfig, prune_gradual
 from llmcompress.puzzle.gkd import GKDConfig, gkd_loss, normalised_mse
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_hf_dir):
-    g = load(str(tiny_hf_dir))
-    tokens = torch.randint(0, g.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    return g, tokens
-
-
 def test_database_of_a_pruned_model(tiny, tmp_path):
     g, tokens = tiny
     pruned = realise(g, build_database(g, tokens), [(1, 64), (0, 32), (2, 0), (1, 96)])
