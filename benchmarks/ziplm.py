@@ -185,6 +185,24 @@ def main(argv=None) -> int:
             report_out()
         torch.set_num_threads(args.threads)
 
+    if args.gradual_tokens:
+        from llmcompress.prune.ziplm_family import prune_gradual
+
+        torch.set_num_threads(args.train_threads or args.threads)
+        gcfg = cfg.model_copy(update={"gradual": True, "gradual_tokens": args.gradual_tokens, "refine": 0})
+        train = corpus.train_batches(8 if args.smoke else max(256, -(-args.gradual_tokens // seq_len)), seq_len)
+        t0 = time.perf_counter()
+        rows_g = prune_gradual(graph, tokens, CostModel(table), gcfg, train, folder=work / "gradual", measure=False)
+        seconds = time.perf_counter() - t0
+        torch.set_num_threads(args.threads)
+        dense_ms = measure_latency(graph, cfg.metric, cfg.batch, table)
+        for k, row in enumerate(rows_g):
+            gradual.append({"target": row["target_speedup"], "predicted": row["predicted_speedup"],
+                            "measured": dense_ms / measure_latency(row["model"], cfg.metric, cfg.batch, table),
+                            "params": row["params"], "perplexity": ppl(row["model"]), "choice": row["choice"],
+                            "cumulative_tokens": args.gradual_tokens * (k + 1),
+                            "distillation": row["distillation"], "seconds_all_targets": seconds})
+
     report_out()
     return 0
 
