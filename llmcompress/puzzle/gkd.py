@@ -63,9 +63,10 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def normalised_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a - b||² / ||a||² over all tokens (a = teacher). a, b: [B, S, D] -> scalar"""
-    a, b = a.float(), b.float()
-    return (a - b).pow(2).sum() / a.pow(2).sum().clamp_min(1e-12)
+    """||a - b||² / ||a||² over all tokens (a = teacher): recovery's relative hidden MSE. a, b: [B, S, D] -> scalar"""
+    from llmcompress.recover.losses import hidden_mse
+
+    return hidden_mse(b, a, relative=True)
 
 
 def gkd_loss(teacher_hidden: Sequence[torch.Tensor], student_hidden: Sequence[torch.Tensor],
