@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv/o-like, up/gate, down
 MS = [1, 4, 16, 64, 2048]
 GROUP_SIZE = 128
+DECODE_MAX_M = 16  # llmcompress.kernels._utils.DECODE_MAX_M (not imported: this file must load without CUDA)
 PEAK_BW_TBS = {"H200": 4.8, "H100 SXM": 3.35}  # HBM bandwidth of known cards, TB/s
 
 
@@ -72,6 +73,14 @@ def metrics(m: int, n: int, k: int, fmt: str, seconds: float, peak_bw: float, ac
     }
 
 
+def config_label(c) -> str:
+    """{'BLOCK_M': 16, ..., 'num_warps': 4, 'num_stages': 3} -> '16x32x256 s3 w4'."""
+    if not isinstance(c, dict):
+        return "" if c is None else str(c)
+    tiles = "x".join(str(c.get(f"BLOCK_{d}", "?")) for d in "MNK")
+    return f"{tiles} s{c.get('num_stages', '?')} w{c.get('num_warps', '?')}"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -81,18 +90,18 @@ def markdown(report: dict) -> str:
         f"int4 group size {s['group_size']}, peak bandwidth {s['peak_bw_tbs']:.2f} TB/s ({s['peak_bw_source']}), "
         f"median of {s['reps']} runs with L2 flushed.",
         "",
-        "| N x K | M | kernel | time (us) | TFLOP/s | GB/s | % BW roofline | vs cuBLAS | max rel err |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| N x K | M | kernel | time (us) | TFLOP/s | GB/s | % BW roofline | vs cuBLAS | max rel err | tuned config |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["results"]:
         head = f"| {r['n']}x{r['k']} | {r['m']} | {r['kernel']} |"
         if "time_us" not in r:
-            lines.append(f"{head} {r.get('error', 'n/a')} | | | | | |")
+            lines.append(f"{head} {r.get('error', 'n/a')} | | | | | | |")
             continue
         err = "" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
         lines.append(
             f"{head} {r['time_us']:.1f} | {r['tflops']:.1f} | {r['gbs']:.0f} | {100 * r['roofline']:.0f}% | "
-            f"{r.get('speedup', float('nan')):.2f}x | {err} |"
+            f"{r.get('speedup', float('nan')):.2f}x | {err} | {config_label(r.get('config'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -145,9 +154,9 @@ def measured_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
-def candidates(n: int, k: int, mods) -> tuple[list, dict]:
-    """[(kernel name, weight format, make(x) -> callable or the setup error, activation bytes)] and
-    {kernel name: reference(x)} for one weight shape."""
+def candidates(n: int, k: int, mods) -> tuple[list, dict, dict]:
+    """[(kernel name, weight format, make(x) -> callable or the setup error, activation bytes)],
+    {kernel name: reference(x)} and {kernel name: (decode autotuner, prefill autotuner)} for one shape."""
     int8, sp_mm, sp_pack, sp_w4, w4 = mods
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
     w24 = sp_pack.prune_24(w)
@@ -205,7 +214,14 @@ def candidates(n: int, k: int, mods) -> tuple[list, dict]:
         "ours W8A8 (incl. x quant)": lambda x: int8.w8a8_matmul_ref(x, q8, s8),
         f"ours 2:4+W4A16 g{GROUP_SIZE}": lambda x: sp_w4.sparse24_w4a16_matmul_ref(x, *q24_4, GROUP_SIZE),
     }
-    return out, refs
+    tuners = {  # (decode, prefill) autotuners behind each of our kernels
+        "ours 2:4": (sp_mm._decode, sp_mm._prefill),
+        f"ours W4A16 g{GROUP_SIZE} asym": (w4._decode, w4._prefill),
+        "ours W8A16": (int8._decode, int8._prefill),
+        "ours W8A8 (incl. x quant)": (int8._decode, int8._prefill),
+        f"ours 2:4+W4A16 g{GROUP_SIZE}": (sp_w4._decode, sp_w4._prefill),
+    }
+    return out, refs, tuners
 
 
 def run(args) -> dict:
@@ -221,7 +237,7 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     results = []
     for n, k in SHAPES:
-        kernels, refs = candidates(n, k, mods)
+        kernels, refs, tuners = candidates(n, k, mods)
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = None
@@ -241,6 +257,10 @@ def run(args) -> dict:
                         ref = refs[kname](x).float()
                         row["max_rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                     seconds = timer(fn)
+                    tuner = tuners.get(kname)
+                    if tuner is not None:  # the autotuned config this shape and M ran with
+                        chosen = (tuner[0] if m <= DECODE_MAX_M else tuner[1]).best_config
+                        row["config"] = chosen.all_kwargs() if hasattr(chosen, "all_kwargs") else str(chosen)
                 except Exception as e:  # noqa: BLE001  (e.g. a shape the torch op rejects)
                     row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                     continue

@@ -22,30 +22,32 @@ from ._utils import (
     check_activation,
     check_bias,
     check_launchable,
-    decode_configs,
     launch_matmul,
-    prefill_configs,
+    load_rows,
+    load_x,
+    store_out,
     tile_ids,
+    tuned,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 PREFILL = [
-    (128, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
     (128, 256, 128, 3, 8),
     (64, 128, 128, 4, 4),
-    (128, 64, 128, 4, 4),
-    (64, 64, 128, 4, 4),
+    (128, 128, 128, 3, 8),
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+# decode: one 16-row M tile, narrow N tiles (every SM streams), 16-byte loads of 16 codes
 DECODE = [
-    (16, 64, 128, 1, 4, 4),
-    (16, 64, 256, 2, 3, 4),
-    (16, 128, 128, 2, 4, 4),
-    (16, 32, 256, 4, 3, 4),
-    (16, 128, 256, 4, 3, 8),
+    (16, 16, 256, 5, 4),
+    (16, 32, 256, 4, 4),
+    (16, 16, 512, 4, 4),
+    (16, 32, 512, 3, 4),
+    (16, 64, 256, 4, 4),
+    (16, 32, 256, 6, 8),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 64, 1, 4)]
 QUANT_BLOCK = 1024  # columns per step of the per-token quantization kernel
 
 
@@ -121,55 +123,52 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, INTERPR
     tl.store(s_ptr + row, scale)
 
 
+@triton.jit
+def int8_to_float(w, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """int8 codes -> dtype. fp16: 1152 + w by putting w + 128 into the mantissa of 1024 (full-rate integer
+    and float ops instead of the quarter-rate int -> float conversion), minus 1152; exact."""
+    if UPCAST:
+        return w.to(tl.float32).to(dtype)
+    elif dtype == tl.float16:
+        return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return w.to(dtype)
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _int8_kernel(
     # x: [M, K] float or int8, w: [N, K] int8, ws: [N], xs: [M] fp32, bias: [N], out: [M, N]
     x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     if ACT_INT8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
-        w = tl.load(
-            w_ptr + rn[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0
-        )  # [BK, BN]
+        x = load_x(x_ptr, rm, rk, M, K, EVEN_K)  # [BM, BK]
+        w = load_rows(w_ptr, rn, N, rk, K, K, EVEN_K, 0)  # [BN, BK] int8
         if ACT_INT8:
-            acc += tl.dot(x, w)  # int8 x int8 -> int32
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # int8 x int8 -> int32
         elif UPCAST:  # the interpreter cannot cast int8 to bf16
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
         else:
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            acc = tl.dot(x, tl.trans(int8_to_float(w, x_ptr.dtype.element_ty, UPCAST)), acc)
     y = acc.to(tl.float32)
     if ACT_INT8:
         y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
     y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        y += bias[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, y, mask=omask)
+    store_out(out_ptr, y, bias_ptr, rm, rn, M, N, HAS_BIAS)
 
 
-_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K", "ACT_INT8"])(
-    _int8_kernel
-)
-_decode = triton.autotune(
-    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K", "ACT_INT8"], reset_to_zero=["out_ptr"]
-)(_int8_kernel)
+_prefill = tuned(_int8_kernel, PREFILL, INTERPRET_PREFILL, key=("M_BUCKET", "N", "K", "ACT_INT8"))
+_decode = tuned(_int8_kernel, DECODE, INTERPRET_DECODE, key=("M_BUCKET", "N", "K", "ACT_INT8"))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """y = x @ W^T + b with W: [N, K] given 2:4-compressed (values [N, K/2], meta; see sparse24_pack).
 
-Each program streams the compressed values and metadata of a [BLOCK_K, BLOCK_N] tile, rebuilds the
-dense tile in registers and feeds tl.dot. Decode (M <= 16): BLOCK_M = 16 and split-K so that enough
-programs stream the weight; prefill: large square-ish tiles.
+Each program streams the compressed values and metadata of a [BLOCK_N, BLOCK_K] tile as 16-byte row
+loads, rebuilds the dense tile in registers and feeds tl.dot. Decode (M <= 16): BLOCK_M = 16 and narrow
+N tiles so that every SM streams weight; prefill: large tiles.
 """
 
 from __future__ import annotations
@@ -12,84 +12,91 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    INTERPRET,
     check,
     check_activation,
     check_bias,
     check_launchable,
-    decode_configs,
+    dot_t,
     launch_matmul,
-    prefill_configs,
+    load_rows,
+    load_x,
+    store_out,
     tile_ids,
+    tuned,
 )
 from .sparse24_pack import check_packed_24, decompress_24_ref
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
+PREFILL = [
+    (128, 128, 64, 4, 8),
     (128, 128, 64, 3, 8),
-    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 128, 3, 4),
+    (64, 256, 64, 3, 8),
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+# decode: one 16-row M tile, narrow N tiles (every SM streams), several 16-byte loads in flight
 DECODE = [
-    (16, 64, 128, 1, 4, 4),
-    (16, 32, 128, 2, 4, 4),
-    (16, 64, 256, 2, 3, 4),
-    (16, 128, 128, 4, 3, 4),
-    (16, 32, 256, 4, 3, 4),
+    (16, 16, 128, 6, 4),
+    (16, 32, 128, 5, 4),
+    (16, 16, 256, 4, 4),
+    (16, 32, 256, 4, 4),
+    (16, 16, 512, 3, 4),
+    (16, 32, 128, 8, 8),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 64, 1, 4)]
+
+
+@triton.jit
+def densify_24(v0, v1, rn, N, k0, meta_ptr, K, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Kept values v0, v1 [BN, BK/4] of the tile's 2:4 groups (columns k0 + 4g ..) -> dense [BN, BK].
+
+    The positions come from the tile's BK/32 metadata words per row ([BN, BK/32] 16-byte loads), split
+    into one 4-bit (pos0 | pos1 << 2) field per group in registers.
+    """
+    BG: tl.constexpr = BLOCK_K // 4
+    BW: tl.constexpr = BLOCK_K // 32
+    n_words = tl.cdiv(K, 32)
+    words = load_rows(meta_ptr, rn, N, k0 // 32 + tl.arange(0, BW), n_words, n_words, EVEN_K, 0)  # [BN, BW]
+    nib = tl.reshape((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15, (BLOCK_N, BG))  # [BN, BG]
+    col = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros_like(v0)[:, :, None]
+    w = tl.where((nib & 3)[:, :, None] == col, v0[:, :, None], tl.where((nib >> 2)[:, :, None] == col, v1[:, :, None], zero))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))  # [BN, BG, 4] -> [BN, BK]
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _sparse24_matmul_kernel(
-    # x: [M, K], values: [N, K/2], meta: [N, ceil(K/32)], bias: [N], out: [M, N]
+    # x: [M, K], values: [N, K/2] (PAIRS: the same bytes as int32 [N, K/4]), meta: [N, ceil(K/32)], bias: [N],
+    # out: [M, N]
     x_ptr, val_ptr, meta_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
-    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_words = tl.cdiv(K, 32)
+    BV: tl.constexpr = BLOCK_K // 2
+    BG: tl.constexpr = BLOCK_K // 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        rk = k0 + tl.arange(0, BLOCK_K)  # [BK], original columns
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        wmask = (rk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
-        j0 = (rk // 4) * 2  # first stored value of the column's group
-        vp = val_ptr + rn[None, :] * (K // 2) + j0[:, None]
-        v0 = tl.load(vp, mask=wmask, other=0.0)
-        v1 = tl.load(vp + 1, mask=wmask, other=0.0)
-        word = tl.load(meta_ptr + rn[None, :] * n_words + (rk // 32)[:, None], mask=wmask, other=0)
-        nib = (word >> (((rk % 32) // 4) * 4)[:, None]) & 15  # (pos0 | pos1 << 2) of the group
-        col = (rk % 4)[:, None]
-        w = tl.where((nib & 3) == col, v0, tl.where((nib >> 2) == col, v1, tl.zeros_like(v0)))  # [BK, BN]
-        if UPCAST:  # the interpreter's bf16 dot is unreliable; products are exact in fp32 anyway
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+    for k0 in range(0, K, BLOCK_K):
+        x = load_x(x_ptr, rm, k0 + tl.arange(0, BLOCK_K), M, K, EVEN_K)  # [BM, BK]
+        if PAIRS:  # values viewed as int32 [N, K/4]: one word per 2:4 group, v0 in the low half
+            pair = load_rows(val_ptr, rn, N, k0 // 4 + tl.arange(0, BG), K // 4, K // 4, EVEN_K, 0)  # [BN, BG]
+            dtype = x_ptr.dtype.element_ty
+            v0 = (pair & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+            v1 = (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
         else:
-            acc += tl.dot(x, w)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, acc, mask=omask)
+            vals = load_rows(val_ptr, rn, N, k0 // 2 + tl.arange(0, BV), K // 2, K // 2, EVEN_K, 0.0)  # [BN, BK/2]
+            v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BG, 2)))  # [BN, BK/4] each
+        w = densify_24(v0, v1, rn, N, k0, meta_ptr, K, EVEN_K, BLOCK_N, BLOCK_K)  # [BN, BK]
+        acc = dot_t(acc, x, w, UPCAST)
+    store_out(out_ptr, acc, bias_ptr, rm, rn, M, N, HAS_BIAS)
 
 
-_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(
-    _sparse24_matmul_kernel
-)
-_decode = triton.autotune(
-    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
-)(_sparse24_matmul_kernel)
+_prefill = tuned(_sparse24_matmul_kernel, PREFILL, INTERPRET_PREFILL)
+_decode = tuned(_sparse24_matmul_kernel, DECODE, INTERPRET_DECODE)
 
 
 def sparse24_matmul(
@@ -104,7 +111,10 @@ def sparse24_matmul(
     check_bias(bias, n, x.dtype)
     check_launchable(x, values, meta, *([bias] if bias is not None else []))
     b = bias if bias is not None else values  # dummy pointer when HAS_BIAS is False
-    y = launch_matmul(_decode, _prefill, x2d, n, (values, meta, b), HAS_BIAS=bias is not None)
+    # 16-bit values are read as int32 pairs (one 2:4 group per word): plain 16-byte loads, no reshuffle
+    pairs = values.element_size() == 2 and not INTERPRET
+    vals = values.view(torch.int32) if pairs else values
+    y = launch_matmul(_decode, _prefill, x2d, n, (vals, meta, b), HAS_BIAS=bias is not None, PAIRS=pairs)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -23,32 +23,36 @@ from ._utils import (
     check_activation,
     check_bias,
     check_launchable,
-    decode_configs,
+    dot_t,
     launch_matmul,
-    prefill_configs,
+    load_rows,
+    load_x,
+    store_out,
     tile_ids,
+    tuned,
 )
+from .sparse24_matmul import densify_24
 from .sparse24_pack import compress_24, compress_24_ref, decompress_24_ref, meta_cols
-from .w4a16 import check_group_size, check_int4, dequantize_int4, quantize_int4
+from .w4a16 import check_group_size, check_int4, dequant_codes, dequantize_int4, load_group_params, quantize_int4
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns
-PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
+PREFILL = [
+    (128, 128, 64, 4, 8),
     (128, 128, 64, 3, 8),
-    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 128, 3, 4),
+    (64, 256, 64, 3, 8),
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+# decode: one 16-row M tile, narrow N tiles (every SM streams), deep pipelines: a 2:4+int4 row is K/4 bytes
 DECODE = [
-    (16, 64, 128, 1, 4, 4),
-    (16, 64, 256, 2, 3, 4),
-    (16, 128, 128, 2, 4, 4),
-    (16, 32, 256, 4, 3, 4),
-    (16, 128, 256, 4, 3, 8),
+    (16, 16, 128, 6, 4),
+    (16, 32, 128, 5, 4),
+    (16, 16, 256, 4, 4),
+    (16, 32, 256, 4, 4),
+    (16, 16, 512, 3, 4),
+    (16, 32, 128, 8, 8),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 64, 1, 4)]
 
 
 def _check_group(k: int, group_size: int) -> None:
@@ -81,55 +85,36 @@ def _sparse24_w4a16_kernel(
     x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Word w of a row holds the 8 kept values of 2:4 groups 4w..4w+3 (dense columns 16w..16w+15):
+    # nibble 2t is group 4w+t's first value, nibble 2t+1 its second.
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_groups = K // GROUP_SIZE
-    n_words = tl.cdiv(K, 32)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    BW: tl.constexpr = BLOCK_K // 16
+    BG: tl.constexpr = BLOCK_K // 4
+    dtype = x_ptr.dtype.element_ty
+    shift = (8 * tl.arange(0, 4))[None, None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        rk = k0 + tl.arange(0, BLOCK_K)  # dense columns
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        wmask = (rk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
-        j0 = (rk // 4) * 2  # first stored value of the column's 2:4 group; j0 + 1 shares its int32 word
-        word = tl.load(qv_ptr + rn[None, :] * (K // 16) + (j0 // 8)[:, None], mask=wmask, other=0)
-        shift = ((j0 % 8) * 4)[:, None]
-        gidx = rn[None, :] * n_groups + (rk // GROUP_SIZE)[:, None]
-        s = tl.load(s_ptr + gidx, mask=wmask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + gidx, mask=wmask, other=0).to(tl.int32)
-        else:
-            z = 8
-        v0 = ((((word >> shift) & 15) - z).to(tl.float32) * s).to(x_ptr.dtype.element_ty)
-        v1 = ((((word >> (shift + 4)) & 15) - z).to(tl.float32) * s).to(x_ptr.dtype.element_ty)
-        meta = tl.load(meta_ptr + rn[None, :] * n_words + (rk // 32)[:, None], mask=wmask, other=0)
-        nib = (meta >> (((rk % 32) // 4) * 4)[:, None]) & 15
-        col = (rk % 4)[:, None]
-        w = tl.where((nib & 3) == col, v0, tl.where((nib >> 2) == col, v1, tl.zeros_like(v0)))  # [BK, BN]
-        if UPCAST:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(x, w)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, acc, mask=omask)
+    for k0 in range(0, K, BLOCK_K):
+        x = load_x(x_ptr, rm, k0 + tl.arange(0, BLOCK_K), M, K, EVEN_K)  # [BM, BK]
+        jj = k0 // 16 + tl.arange(0, BW)  # [BW] packed columns
+        word = load_rows(qv_ptr, rn, N, jj, K // 16, K // 16, EVEN_K, 0)  # [BN, BW]
+        scale, zero = load_group_params(
+            s_ptr, z_ptr, rn, N, k0, jj, K, GROUP_SIZE, BLOCK_K, HAS_ZEROS, dtype, UPCAST, 16
+        )
+        v0 = dequant_codes((word[:, :, None] >> shift) & 15, scale, zero, dtype, UPCAST)  # [BN, BW, 4]
+        v1 = dequant_codes((word[:, :, None] >> (shift + 4)) & 15, scale, zero, dtype, UPCAST)
+        v0 = tl.reshape(v0, (BLOCK_N, BG))
+        v1 = tl.reshape(v1, (BLOCK_N, BG))
+        w = densify_24(v0, v1, rn, N, k0, meta_ptr, K, EVEN_K, BLOCK_N, BLOCK_K)  # [BN, BK]
+        acc = dot_t(acc, x, w, UPCAST)
+    store_out(out_ptr, acc, bias_ptr, rm, rn, M, N, HAS_BIAS)
 
 
-_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(
-    _sparse24_w4a16_kernel
-)
-_decode = triton.autotune(
-    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
-)(_sparse24_w4a16_kernel)
+_prefill = tuned(_sparse24_w4a16_kernel, PREFILL, INTERPRET_PREFILL)
+_decode = tuned(_sparse24_w4a16_kernel, DECODE, INTERPRET_DECODE)
 
 
 def sparse24_w4a16_matmul(

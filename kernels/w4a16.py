@@ -21,31 +21,37 @@ from ._utils import (
     check_activation,
     check_bias,
     check_launchable,
-    decode_configs,
+    dot_t,
     launch_matmul,
-    prefill_configs,
+    load_rows,
+    load_x,
+    magic_base,
+    magic_float,
+    store_out,
     tile_ids,
     to_int32_bits,
+    tuned,
 )
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-PREFILL = [  # gathers of packed words/scales/metadata cost registers: no 128x256 tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
+PREFILL = [  # BLOCK_K 64: the dequantized tile is rebuilt in registers; 128 spills at 128x128
+    (128, 128, 64, 4, 8),
     (128, 128, 64, 3, 8),
-    (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 128, 3, 4),
+    (64, 256, 64, 3, 8),
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+# decode: one 16-row M tile; narrow N tiles so that a 4096-row weight spreads over every SM; either a
+# tile inside one scale group (one scale per row, deep pipeline) or long tiles (several loads in flight)
 DECODE = [
-    (16, 64, 128, 1, 4, 4),
-    (16, 64, 256, 2, 3, 4),
-    (16, 128, 128, 2, 4, 4),
-    (16, 32, 256, 4, 3, 4),
-    (16, 128, 256, 4, 3, 8),
+    (16, 16, 128, 6, 4),
+    (16, 32, 128, 5, 4),
+    (16, 16, 256, 4, 4),
+    (16, 32, 256, 4, 4),
+    (16, 16, 512, 3, 4),
+    (16, 32, 128, 8, 8),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 64, 2, 1, 4)]
+INTERPRET_DECODE = [(16, 32, 128, 1, 4)]
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -124,52 +130,76 @@ def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, bias=None) -> torch.
 # Triton
 
 
+@triton.jit
+def load_group_params(s_ptr, z_ptr, rn, N, k0, cols, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_ZEROS: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.constexpr, WIDTH: tl.constexpr = 8):
+    """Scales and (BASE + zero) of a tile's packed columns, shaped to broadcast over [BN, BC, 8].
+
+    cols: [BC] packed columns, each WIDTH dense columns wide (starting at dense column WIDTH * col). A
+    tile inside one group reads one scale per row; a longer one gathers per packed column (L1 hits).
+    """
+    n_groups = K // GROUP_SIZE
+    if GROUP_SIZE % BLOCK_K == 0:
+        gidx = rn[:, None, None] * n_groups + k0 // GROUP_SIZE  # [BN, 1, 1]
+        mask = rn[:, None, None] < N
+    else:
+        gidx = rn[:, None, None] * n_groups + ((WIDTH * cols) // GROUP_SIZE)[None, :, None]  # [BN, BC, 1]
+        mask = (rn[:, None, None] < N) & (WIDTH * cols[None, :, None] < K)
+    scale = tl.load(s_ptr + gidx, mask=mask, other=0.0).to(dtype)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + gidx, mask=mask, other=0).to(tl.int32)
+    else:
+        zero = tl.full(gidx.shape, 8, tl.int32)
+    if UPCAST:
+        return scale, zero
+    return scale, (zero.to(dtype) + magic_base(dtype)).to(dtype)  # exact: small integers
+
+
+@triton.jit
+def dequant_codes(u, scale, zero, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Codes u (int32 0..15) -> (u - zero) * scale in dtype (scale, zero from load_group_params).
+
+    Compiled: BASE + u by bit tricks (magic_float) minus the pre-added BASE + zero, exact in dtype,
+    times the scale: one rounding, the same as the format's "fp32 product rounded to the scale dtype".
+    """
+    if UPCAST:  # the interpreter casts int32 to bfloat16 wrongly and has no bitcast tricks to test
+        return ((u - zero).to(tl.float32) * scale.to(tl.float32)).to(dtype)
+    return (magic_float(u, dtype) - zero) * scale
+
+
+@triton.jit
+def dequant_int4(word, scale, zero, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """word [BN, BC] int32 (8 codes each, low nibble first) -> [BN, BC, 8] weights."""
+    u = (word[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
+    return dequant_codes(u, scale, zero, dtype, UPCAST)
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (M == 1 would specialize)
 def _w4a16_kernel(
     # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], bias: [N], out: [M, N]
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, 8)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_groups = K // GROUP_SIZE
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    BJ: tl.constexpr = BLOCK_K // 8
+    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        wmask = (rk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
-        word = tl.load(qw_ptr + rn[None, :] * (K // 8) + (rk // 8)[:, None], mask=wmask, other=0)
-        u = (word >> ((rk % 8) * 4)[:, None]) & 15
-        gidx = rn[None, :] * n_groups + (rk // GROUP_SIZE)[:, None]
-        s = tl.load(s_ptr + gidx, mask=wmask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + gidx, mask=wmask, other=0).to(tl.int32)
-        else:
-            z = 8
-        w = ((u - z).to(tl.float32) * s).to(x_ptr.dtype.element_ty)  # [BK, BN]
-        if UPCAST:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(x, w)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + rm[:, None] * N + rn[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, acc, mask=omask)
+    for k0 in range(0, K, BLOCK_K):
+        x = load_x(x_ptr, rm, k0 + tl.arange(0, BLOCK_K), M, K, EVEN_K)  # [BM, BK]
+        jj = k0 // 8 + tl.arange(0, BJ)  # [BJ] packed columns
+        word = load_rows(qw_ptr, rn, N, jj, K // 8, K // 8, EVEN_K, 0)  # [BN, BJ], 16-byte loads
+        scale, zero = load_group_params(s_ptr, z_ptr, rn, N, k0, jj, K, GROUP_SIZE, BLOCK_K, HAS_ZEROS, dtype, UPCAST)
+        w = tl.reshape(dequant_int4(word, scale, zero, dtype, UPCAST), (BLOCK_N, BLOCK_K))  # [BN, BK]
+        acc = dot_t(acc, x, w, UPCAST)
+    store_out(out_ptr, acc, bias_ptr, rm, rn, M, N, HAS_BIAS)
 
 
-_prefill = triton.autotune(prefill_configs(PREFILL, INTERPRET_PREFILL), key=["M_BUCKET", "N", "K"])(_w4a16_kernel)
-_decode = triton.autotune(
-    decode_configs(DECODE, INTERPRET_DECODE), key=["M_BUCKET", "N", "K"], reset_to_zero=["out_ptr"]
-)(_w4a16_kernel)
+_prefill = tuned(_w4a16_kernel, PREFILL, INTERPRET_PREFILL)
+_decode = tuned(_w4a16_kernel, DECODE, INTERPRET_DECODE)
 
 
 def check_int4(qweight, scales, zeros, group_size, k_packed_per_row: int = 8) -> tuple[int, int]:
