@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1 LLMCOMPRESS_COMMIT=${LLMCOMM
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
-timeout "${BENCH_S:-300}" python3 benchmarks/kernels.py --out "$OUT" --budget-s "${BUDGET_S:-220}" > "$OUT/bench.log" 2>&1
+timeout "${BENCH_S:-300}" python3 benchmarks/kernels.py --out "$OUT" --budget-s "${BUDGET_S:-220}" ${MS:+--ms $MS} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 start=$(date +%s)
 LLMCOMPRESS_KERNEL_CONFIGS=first timeout "${TEST_S:-170}" \

@@ -261,6 +261,11 @@ def run(args) -> dict:
                     if tuner is not None:  # the autotuned config this shape and M ran with
                         chosen = (tuner[0] if m <= DECODE_MAX_M else tuner[1]).best_config
                         row["config"] = chosen.all_kwargs() if hasattr(chosen, "all_kwargs") else str(chosen)
+                        timings = getattr(tuner[0] if m <= DECODE_MAX_M else tuner[1], "configs_timings", None) or {}
+                        row["config_timings_us"] = {  # the autotuner's own medians (ms -> us), every candidate
+                            config_label(c.all_kwargs()): round(1e3 * (t[0] if isinstance(t, (list, tuple)) else t), 2)
+                            for c, t in timings.items()
+                        }
                 except Exception as e:  # noqa: BLE001  (e.g. a shape the torch op rejects)
                     row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                     continue

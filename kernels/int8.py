@@ -36,6 +36,7 @@ PREFILL = [
     (128, 256, 128, 3, 8),
     (64, 128, 128, 4, 4),
     (128, 128, 128, 3, 8),
+    (128, 256, 64, 4, 8),
 ]
 # decode: one 16-row M tile, narrow N tiles (every SM streams), 16-byte loads of 16 codes
 DECODE = [
@@ -45,6 +46,8 @@ DECODE = [
     (16, 32, 512, 3, 4),
     (16, 64, 256, 4, 4),
     (16, 32, 256, 6, 8),
+    (16, 64, 512, 3, 8),
+    (16, 16, 256, 8, 2),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
 INTERPRET_DECODE = [(16, 32, 64, 1, 4)]

@@ -34,21 +34,26 @@ from ._utils import (
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
-PREFILL = [  # BLOCK_K 64: the dequantized tile is rebuilt in registers; 128 spills at 128x128
+PREFILL = [
     (128, 128, 64, 4, 8),
     (128, 128, 64, 3, 8),
     (64, 128, 64, 4, 4),
     (64, 256, 64, 3, 8),
+    (128, 256, 64, 3, 8),
+    (128, 64, 64, 4, 4),
 ]
 # decode: one 16-row M tile; narrow N tiles so that a 4096-row weight spreads over every SM; either a
 # tile inside one scale group (one scale per row, deep pipeline) or long tiles (several loads in flight)
 DECODE = [
     (16, 16, 128, 6, 4),
-    (16, 32, 128, 5, 4),
+    (16, 16, 128, 8, 2),
+    (16, 32, 128, 6, 4),
+    (16, 64, 128, 4, 4),
     (16, 16, 256, 4, 4),
     (16, 32, 256, 4, 4),
     (16, 16, 512, 3, 4),
     (16, 32, 128, 8, 8),
+    (16, 64, 256, 3, 8),
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
 INTERPRET_DECODE = [(16, 32, 128, 1, 4)]
