@@ -3,8 +3,8 @@
     python benchmarks/kernels.py [--out benchmarks/results] [--ms 1 4 16 64 2048] [--budget-s 270]
 
 Llama-3-8B linear shapes (N x K: out x in) for each M; fp16 activations. For every kernel it reports
-the median time over repeated runs (CUDA events, L2 flushed before each run, after warm-up and
-autotuning), TFLOP/s (dense-equivalent 2*M*N*K), GB/s (weights as stored + activations + output)
+the median time over repeated CUDA-graph replays (CUDA events, L2 flushed before each run, after
+warm-up and autotuning; the eagerly launched time is kept as eager_us), TFLOP/s (dense-equivalent 2*M*N*K), GB/s (weights as stored + activations + output)
 and the fraction of the card's memory-bandwidth roofline. Writes
 benchmarks/results/kernels-<gpu>.json and .md. Without CUDA it exits with code 2.
 """
@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
         "",
         f"commit `{report['commit']}`, torch {s['torch']}, triton {s['triton']}, {s['dtype']} activations, "
         f"int4 group size {s['group_size']}, peak bandwidth {s['peak_bw_tbs']:.2f} TB/s ({s['peak_bw_source']}), "
-        f"median of {s['reps']} runs with L2 flushed.",
+        f"median of {s['reps']} CUDA-graph replays with L2 flushed (no Python launch overhead).",
         "",
         "| N x K | M | kernel | time (us) | TFLOP/s | GB/s | % BW roofline | vs cuBLAS | max rel err | tuned config |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
@@ -131,26 +131,45 @@ class Timer:
         self.reps, self.warmup = reps, warmup
         self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
 
-    def __call__(self, fn) -> float:
-        """Median seconds of fn() over reps runs, each after an L2 flush."""
-        for _ in range(self.warmup):
-            fn()
+    def _median(self, run) -> float:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         for start, end in zip(starts, ends):
             self.flush.zero_()
             start.record()
-            fn()
+            run()
             end.record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+    def __call__(self, fn) -> tuple[float, float]:
+        """(median seconds of a CUDA-graph replay of fn, median seconds of fn launched eagerly), each
+        run after an L2 flush. The graph removes Python launch overhead, as a serving engine's decode
+        loop does; the eager figure is what a plain Python caller sees."""
+        for _ in range(self.warmup):
+            fn()
+        eager = self._median(fn)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+        except Exception:  # noqa: BLE001  (an op that cannot be captured: the eager time stands)
+            torch.cuda.synchronize()
+            return None, eager
+        return self._median(graph.replay), eager
 
 
 def measured_bandwidth() -> float:
     """Device-to-device copy of 1 GiB: bytes read + written per second."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = Timer(reps=10, warmup=3)(lambda: dst.copy_(src))
+    _, seconds = Timer(reps=10, warmup=3)(lambda: dst.copy_(src))
     return 2 * src.numel() / seconds
 
 
@@ -205,8 +224,17 @@ def candidates(n: int, k: int, mods) -> tuple[list, dict, dict]:
             "sparse24_int4",
             lambda x: lambda: sp_w4.sparse24_w4a16_matmul(x, *q24_4, GROUP_SIZE),
             2,
-        ),
-    ]
+        ),    ]
+    prefill = DECODE_MAX_M + 1  # the two prefill paths side by side (the rows above use prefill="auto")
+    for mode, label in (("fused", "fused Triton GEMM"), ("dense", "Triton densify + cuBLAS")):
+        out += [
+            (f"ours 2:4 [{label}]", "sparse24",
+             lambda x, p=mode: lambda: sp_mm.sparse24_matmul(x, values, meta, prefill=p), 2, prefill),
+            (f"ours W4A16 g{GROUP_SIZE} asym [{label}]", "int4",
+             lambda x, p=mode: lambda: w4.w4a16_matmul(x, *q4, GROUP_SIZE, prefill=p), 2, prefill),
+            (f"ours 2:4+W4A16 g{GROUP_SIZE} [{label}]", "sparse24_int4",
+             lambda x, p=mode: lambda: sp_w4.sparse24_w4a16_matmul(x, *q24_4, GROUP_SIZE, prefill=p), 2, prefill),
+        ]
     refs = {  # what each kernel should compute, for a correctness check in fp32
         "ours 2:4": lambda x: sp_mm.sparse24_matmul_ref(x, values, meta),
         f"ours W4A16 g{GROUP_SIZE} asym": lambda x: w4.w4a16_matmul_ref(x, *q4, GROUP_SIZE),
@@ -214,12 +242,12 @@ def candidates(n: int, k: int, mods) -> tuple[list, dict, dict]:
         "ours W8A8 (incl. x quant)": lambda x: int8.w8a8_matmul_ref(x, q8, s8),
         f"ours 2:4+W4A16 g{GROUP_SIZE}": lambda x: sp_w4.sparse24_w4a16_matmul_ref(x, *q24_4, GROUP_SIZE),
     }
-    tuners = {  # (decode, prefill) autotuners behind each of our kernels
-        "ours 2:4": (sp_mm._decode, sp_mm._prefill),
-        f"ours W4A16 g{GROUP_SIZE} asym": (w4._decode, w4._prefill),
-        "ours W8A16": (int8._decode, int8._prefill),
-        "ours W8A8 (incl. x quant)": (int8._decode, int8._prefill),
-        f"ours 2:4+W4A16 g{GROUP_SIZE}": (sp_w4._decode, sp_w4._prefill),
+    tuners = {  # (M == 1 GEMV, decode, prefill) autotuners behind each of our kernels
+        "ours 2:4": (sp_mm._gemv, sp_mm._decode, sp_mm._prefill),
+        f"ours W4A16 g{GROUP_SIZE} asym": (w4._gemv, w4._decode, w4._prefill),
+        "ours W8A16": (int8._gemv, int8._decode, int8._prefill),
+        "ours W8A8 (incl. x quant)": (int8._gemv, int8._decode, int8._prefill),
+        f"ours 2:4+W4A16 g{GROUP_SIZE}": (sp_w4._gemv, sp_w4._decode, sp_w4._prefill),
     }
     return out, refs, tuners
 
@@ -228,6 +256,8 @@ def run(args) -> dict:
     import triton
 
     mods = import_kernels()
+    from llmcompress.kernels._utils import DENSE_MIN_M as dense_min_m
+
     name = torch.cuda.get_device_name()
     peak = known_peak_bandwidth(name)
     source = "datasheet"
@@ -241,7 +271,9 @@ def run(args) -> dict:
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = None
-            for kname, fmt, make, act_bytes in kernels:
+            for kname, fmt, make, act_bytes, *min_m in kernels:
+                if min_m and m < min_m[0]:
+                    continue
                 row = {"n": n, "k": k, "m": m, "kernel": kname, "format": fmt}
                 results.append(row)
                 if time.perf_counter() - t_start > args.budget_s:
@@ -253,15 +285,21 @@ def run(args) -> dict:
                 try:
                     fn = make(x)
                     y = fn()  # compiles and autotunes
-                    if kname in refs:
-                        ref = refs[kname](x).float()
+                    base_name = kname.split(" [")[0]
+                    if base_name in refs:
+                        ref = refs[base_name](x).float()
                         row["max_rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                    seconds = timer(fn)
-                    tuner = tuners.get(kname)
+                    seconds, eager = timer(fn)
+                    row["eager_us"] = round(eager * 1e6, 2)  # launched from Python each time, for reference
+                    if seconds is None:
+                        seconds, row["timing"] = eager, "eager (CUDA graph capture failed)"
+                    dense_path = "densify" in kname or ("[" not in kname and m >= dense_min_m and fmt != "int8")
+                    tuner = None if dense_path else tuners.get(base_name)
                     if tuner is not None:  # the autotuned config this shape and M ran with
-                        chosen = (tuner[0] if m <= DECODE_MAX_M else tuner[1]).best_config
+                        tuner = tuner[0] if m == 1 else tuner[1] if m <= DECODE_MAX_M else tuner[2]
+                        chosen = tuner.best_config
                         row["config"] = chosen.all_kwargs() if hasattr(chosen, "all_kwargs") else str(chosen)
-                        timings = getattr(tuner[0] if m <= DECODE_MAX_M else tuner[1], "configs_timings", None) or {}
+                        timings = getattr(tuner, "configs_timings", None) or {}
                         row["config_timings_us"] = {  # the autotuner's own medians (ms -> us), every candidate
                             config_label(c.all_kwargs()): round(1e3 * (t[0] if isinstance(t, (list, tuple)) else t), 2)
                             for c, t in timings.items()
@@ -282,6 +320,8 @@ def run(args) -> dict:
             "ms": args.ms,
             "group_size": GROUP_SIZE,
             "reps": args.reps,
+            "timing": "CUDA-graph replay after an L2 flush (eager_us: Python launch each time)",
+            "dense_prefill_min_m": dense_min_m,
             "warmup": args.warmup,
             "peak_bw_tbs": peak / 1e12,
             "peak_bw_source": source,

@@ -186,3 +186,78 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# M == 1 (single-token decode): GEMV kernels on the CUDA cores. A [BLOCK_N, BLOCK_K] tile of packed
+# weight rows is unpacked in the layout it was loaded in (no tensor-core operand shuffles, no
+# padding of M to 16), multiplied by strided x loads that L1 serves, and reduced once per row.
+
+
+def gemv_configs(table, interpret_table) -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K, num_warps) tuples -> triton Configs (no software pipelining: nothing to overlap
+    but the next tile's loads, which long K tiles keep in flight instead)."""
+    rows = interpret_table if INTERPRET else table
+    if os.environ.get("LLMCOMPRESS_KERNEL_CONFIGS") == "first":
+        rows = rows[:1]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=1, num_warps=w) for bn, bk, w in rows]
+
+
+def tuned_gemv(kernel, table, interpret_table, key=("N", "K")):
+    return triton.autotune(gemv_configs(table, interpret_table), key=list(key))(
+        triton.heuristics({"EVEN_K": even_k})(kernel)
+    )
+
+
+def launch_gemv(kernel, x2d: torch.Tensor, n: int, args: tuple, out_dtype=None, **meta):
+    """x2d: [1, K] -> y: [1, N]; kernel signature (x, *args, out, N, K, <meta>, UPCAST, EVEN_K, <tiles>)."""
+    k = x2d.shape[1]
+    out = torch.empty(1, n, device=x2d.device, dtype=out_dtype or x2d.dtype)
+    kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x2d, *args, out, n, k, UPCAST=INTERPRET, **meta)
+    return out
+
+
+@triton.jit
+def x_strided(x_ptr, cols, s: tl.constexpr, WIDTH: tl.constexpr, K, EVEN_K: tl.constexpr):
+    """x[WIDTH * cols + s] as fp32 -> [BC] (zero past K): the s-th column of each packed column."""
+    if EVEN_K:
+        return tl.load(x_ptr + cols * WIDTH + s).to(tl.float32)
+    return tl.load(x_ptr + cols * WIDTH + s, mask=cols * WIDTH + s < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_row(out_ptr, acc, bias_ptr, rn, N, HAS_BIAS: tl.constexpr):
+    """acc: [BN, BC] fp32 partial sums -> out[rn] (+ bias)."""
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large M (prefill): rebuilding the dense weight once and handing it to cuBLAS beats unpacking every
+# tile inside a Triton GEMM once M is large (each tile would be unpacked cdiv(M, BLOCK_M) times).
+
+DENSE_MIN_M = 128  # M at or above this: densify + torch.matmul (see launch_matmul's callers)
+DENSIFY_BLOCK = (32, 128, 4)  # (BLOCK_N, BLOCK_K, num_warps) of the densify kernels
+
+
+def use_dense(m: int, prefill: str) -> bool:
+    check(prefill in ("auto", "fused", "dense"), f"prefill={prefill!r}; use 'auto', 'fused' or 'dense'")
+    return prefill == "dense" or (prefill == "auto" and m >= DENSE_MIN_M)
+
+
+def launch_densify(kernel, n: int, k: int, args: tuple, dtype: torch.dtype, device, **meta) -> torch.Tensor:
+    """kernel(*args, w_out, N, K, <meta>, UPCAST, EVEN_K, BLOCK_N, BLOCK_K) -> dense W: [N, K] in dtype."""
+    bn, bk, warps = DENSIFY_BLOCK
+    w = torch.empty(n, k, dtype=dtype, device=device)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    kernel[grid](*args, w, n, k, **meta, UPCAST=INTERPRET, EVEN_K=k % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return w
+
+
+@triton.jit
+def store_tile(w_ptr, w, rn, k0, N, K, BLOCK_K: tl.constexpr):
+    """w: [BN, BK] -> w_ptr[rn, k0:k0+BK] of a row-major [N, K] array."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn[:, None] < N) & (rk[None, :] < K))

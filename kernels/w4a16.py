@@ -16,21 +16,29 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    DECODE_MAX_M,
     check,
     check_2d,
     check_activation,
     check_bias,
     check_launchable,
     dot_t,
+    launch_densify,
+    launch_gemv,
     launch_matmul,
     load_rows,
     load_x,
     magic_base,
     magic_float,
     store_out,
+    store_row,
+    store_tile,
     tile_ids,
     to_int32_bits,
     tuned,
+    tuned_gemv,
+    use_dense,
+    x_strided,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
@@ -57,6 +65,17 @@ DECODE = [
 ]
 INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
 INTERPRET_DECODE = [(16, 32, 128, 1, 4)]
+# M == 1: (BLOCK_N, BLOCK_K, num_warps). 4 words (16 bytes) per thread per chunk, and a 2048-column tile
+# (16 chunks of 128 columns, unrolled) keeps a row's 1 KB in flight: ~4 MB at N = 4096
+GEMV = [
+    (16, 2048, 2),
+    (32, 2048, 4),
+    (8, 2048, 1),
+    (16, 2048, 4),
+    (32, 1024, 4),
+    (64, 2048, 8),
+]
+INTERPRET_GEMV = [(16, 256, 4)]
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -183,7 +202,7 @@ def dequant_int4(word, scale, zero, dtype: tl.constexpr, UPCAST: tl.constexpr):
 def _w4a16_kernel(
     # x: [M, K], qweight: [N, K/8], scales/zeros: [N, K/G], bias: [N], out: [M, N]
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K, M_BUCKET, ld_w,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -196,7 +215,7 @@ def _w4a16_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = load_x(x_ptr, rm, k0 + tl.arange(0, BLOCK_K), M, K, EVEN_K)  # [BM, BK]
         jj = k0 // 8 + tl.arange(0, BJ)  # [BJ] packed columns
-        word = load_rows(qw_ptr, rn, N, jj, K // 8, K // 8, EVEN_K, 0)  # [BN, BJ], 16-byte loads
+        word = load_rows(qw_ptr, rn, N, jj, K // 8, ld_w, EVEN_K, 0)  # [BN, BJ], 16-byte loads
         scale, zero = load_group_params(s_ptr, z_ptr, rn, N, k0, jj, K, GROUP_SIZE, BLOCK_K, HAS_ZEROS, dtype, UPCAST)
         w = tl.reshape(dequant_int4(word, scale, zero, dtype, UPCAST), (BLOCK_N, BLOCK_K))  # [BN, BK]
         acc = dot_t(acc, x, w, UPCAST)
@@ -205,6 +224,80 @@ def _w4a16_kernel(
 
 _prefill = tuned(_w4a16_kernel, PREFILL, INTERPRET_PREFILL)
 _decode = tuned(_w4a16_kernel, DECODE, INTERPRET_DECODE)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    # x: [1, K], qweight: [N, K/8], scales/zeros: [N, K/G], bias: [N], out: [1, N]
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    N, K, ld_w,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # A K tile is NC chunks of C = min(G, 128) columns, unrolled so that their loads are in flight
+    # together; a chunk lies inside one group, so its scale and zero are one value per row. Per word:
+    # t = sum_s (code_s - zero) * x[8j + s] in fp32, then acc += t * scale. code_s - zero is computed as
+    # (2^23 + code_s) - (2^23 + zero): the code is OR-ed into the mantissa of 2^23 instead of converted
+    # (int -> float runs at a quarter of the FMA rate).
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    C: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128
+    CW: tl.constexpr = C // 8
+    NC: tl.constexpr = BLOCK_K // C if BLOCK_K // C < 16 else 16
+    KW = K // 8
+    n_groups = K // GROUP_SIZE
+    acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+    for k0 in range(0, K, NC * C):
+        for c in tl.static_range(NC):
+            jj = (k0 + c * C) // 8 + tl.arange(0, CW)  # [CW] packed columns of this chunk
+            word = load_rows(qw_ptr, rn, N, jj, KW, ld_w, EVEN_K, 0)  # [BN, CW]
+            gmask = rn < tl.where(k0 + c * C < K, N, 0)  # rows, or none for a chunk past K
+            gidx = rn * n_groups + (k0 + c * C) // GROUP_SIZE
+            scale = tl.load(s_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)  # [BN]
+            if HAS_ZEROS:
+                zb = tl.load(z_ptr + gidx, mask=gmask, other=0).to(tl.float32)
+            else:
+                zb = tl.full((BLOCK_N,), 8.0, tl.float32)
+            if not UPCAST:
+                zb += 8388608.0
+            t = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+            for s in tl.static_range(8):
+                u = (word >> (4 * s)) & 15
+                if UPCAST:
+                    w = u.to(tl.float32) - zb[:, None]
+                else:
+                    w = (u | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
+                t += w * x_strided(x_ptr, jj, s, 8, K, EVEN_K)[None, :]
+            acc += t * scale[:, None]
+    store_row(out_ptr, acc, bias_ptr, rn, N, HAS_BIAS)
+
+
+_gemv = tuned_gemv(_w4a16_gemv_kernel, GEMV, INTERPRET_GEMV)
+
+
+@triton.jit
+def _w4a16_densify_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, N, K, ld_w,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # the matmul kernel's weight tile, stored: dense W [N, K] in the scales' dtype
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    jj = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    word = load_rows(qw_ptr, rn, N, jj, K // 8, ld_w, EVEN_K, 0)
+    dtype = w_ptr.dtype.element_ty
+    scale, zero = load_group_params(s_ptr, z_ptr, rn, N, k0, jj, K, GROUP_SIZE, BLOCK_K, HAS_ZEROS, dtype, UPCAST)
+    w = tl.reshape(dequant_int4(word, scale, zero, dtype, UPCAST), (BLOCK_N, BLOCK_K))
+    store_tile(w_ptr, w, rn, k0, N, K, BLOCK_K)
+
+
+def w4a16_densify(qweight, scales, zeros, group_size: int) -> torch.Tensor:
+    """Dense W: [N, K] in scales' dtype, exactly dequantize_int4's values, Triton."""
+    n, k = check_int4(qweight, scales, zeros, group_size)
+    check_launchable(qweight, scales, *([zeros] if zeros is not None else []))
+    args = (qweight, scales, zeros if zeros is not None else scales)
+    return launch_densify(_w4a16_densify_kernel, n, k, args, scales.dtype, qweight.device, ld_w=qweight.stride(0),
+                          GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None)
 
 
 def check_int4(qweight, scales, zeros, group_size, k_packed_per_row: int = 8) -> tuple[int, int]:
@@ -229,8 +322,12 @@ def w4a16_matmul(
     zeros: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None = None,
+    prefill: str = "auto",
 ) -> torch.Tensor:
-    """x: [..., K] @ W^T (+ bias) with W int4 (see module docstring) -> [..., N], Triton."""
+    """x: [..., K] @ W^T (+ bias) with W int4 (see module docstring) -> [..., N], Triton.
+
+    M == 1: GEMV kernel; M <= 16: tensor-core decode kernel; larger M: the fused kernel, or (prefill
+    "dense", or "auto" with M >= DENSE_MIN_M) W densified once by Triton and multiplied by cuBLAS."""
     n, k = check_int4(qweight, scales, zeros, group_size)
     x2d = check_activation(x, k)
     check(
@@ -239,7 +336,15 @@ def w4a16_matmul(
     check_bias(bias, n, x.dtype)
     check_launchable(x, qweight, scales, *[t for t in (zeros, bias) if t is not None])
     args = (qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
+    if x2d.shape[0] > DECODE_MAX_M and use_dense(x2d.shape[0], prefill):
+        w = w4a16_densify(qweight, scales, zeros, group_size)
+        return torch.nn.functional.linear(x, w, bias)
+    if x2d.shape[0] == 1 and group_size & (group_size - 1) == 0:  # power-of-two groups: GEMV chunks
+        y = launch_gemv(_gemv, x2d, n, args, ld_w=qweight.stride(0), GROUP_SIZE=group_size,
+                        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
+        return y.reshape(*x.shape[:-1], n)
     y = launch_matmul(
-        _decode, _prefill, x2d, n, args, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None
+        _decode, _prefill, x2d, n, args, ld_w=qweight.stride(0), GROUP_SIZE=group_size,
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
     )
     return y.reshape(*x.shape[:-1], n)
