@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    if os.environ.get("LLMCOMPRESS_COMMIT"):  # set by benchmarks/gpu_session.sh: the lent machine's copy
+        return os.environ["LLMCOMPRESS_COMMIT"]  # of the tree carries stale git metadata
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+
+pytest.importorskip("compressed_tensors")  # installed by CI; the lent GPU machines lack it
+
 from compressed_tensors.compressors import NaiveQuantizationCompressor, PackedQuantizationCompressor
 from compressed_tensors.utils import unpack_bitmasks
 

@@ -46,7 +46,9 @@ def test_from_dense_forward(fmt, kw, max_err, bias):
     assert y.shape == (2, 5, 48) and y.dtype == dtype
     with torch.no_grad():
         dense = nn.functional.linear(x, mod.dequantize(), lin.bias)
-        assert rel_err(y, dense) <= (1e-5 if fmt != "w8a8" else 0.04)  # w8a8 also rounds x
+        # fp32 on CPU: the same sums; fp16 on CUDA: the kernel and cuBLAS round differently (~1 ulp)
+        tol = 0.04 if fmt == "w8a8" else 1e-5 if DEVICE == "cpu" else 2e-3  # w8a8 also rounds x
+        assert rel_err(y, dense) <= tol
         assert rel_err(y, lin(x)) <= max_err + 1e-5
 
 
