@@ -27,6 +27,7 @@ from ._utils import (
     load_rows,
     load_x,
     store_out,
+    store_row,
     tile_ids,
     tuned,
     tuned_gemv,
@@ -58,9 +59,9 @@ GEMV = [
     (16, 512, 4),
     (8, 512, 2),
     (16, 1024, 4),
-    (32, 512, 8),
     (8, 1024, 4),
     (4, 512, 1),
+    (32, 512, 4),
 ]
 INTERPRET_GEMV = [(16, 128, 4)]
 QUANT_BLOCK = 1024  # columns per step of the per-token quantization kernel
@@ -191,7 +192,7 @@ def _int8_gemv_kernel(
     # x: [1, K] float or int8, w: [N, K] int8, ws: [N], xs: [1] fp32, bias: [N], out: [1, N]
     x_ptr, w_ptr, ws_ptr, xs_ptr, bias_ptr, out_ptr,
     N, K,
-    ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # W8A16: code -> float as (2^23 + 128 + code) - (2^23 + 128), the integer added into the mantissa of
@@ -201,7 +202,7 @@ def _int8_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         w = load_rows(w_ptr, rn, N, rk, K, K, EVEN_K, 0).to(tl.int32)  # [BN, BK], 16-byte loads
         if EVEN_K:
@@ -219,12 +220,10 @@ def _int8_gemv_kernel(
     if ACT_INT8:
         y = y * tl.load(xs_ptr)
     y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+    store_row(out_ptr, y, bias_ptr, rn, N, HAS_BIAS, SPLIT_K)
 
 
-_gemv = tuned_gemv(_int8_gemv_kernel, GEMV, INTERPRET_GEMV, key=("N", "K", "ACT_INT8"))
+_gemv = tuned_gemv(_int8_gemv_kernel, GEMV, INTERPRET_GEMV, key=("N", "K", "SPLIT_K", "ACT_INT8"))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

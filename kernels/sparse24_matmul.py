@@ -64,8 +64,8 @@ GEMV = [
     (32, 512, 4),
     (8, 512, 1),
     (16, 1024, 4),
-    (32, 1024, 8),
     (16, 256, 1),
+    (8, 256, 1),
 ]
 INTERPRET_GEMV = [(16, 128, 4)]
 
@@ -152,7 +152,7 @@ def _sparse24_gemv_kernel(
     # x: [1, K], values: [N, K/2] (PAIRS: int32 [N, K/4]), meta: [N, ceil(K/32)], bias: [N], out: [1, N]
     x_ptr, val_ptr, meta_ptr, bias_ptr, out_ptr,
     N, K, ld_w, ld_meta,
-    HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Each kept value meets the x column its 2-bit position names: y[n] = sum_g v0 * x[4g + pos0] +
@@ -161,7 +161,7 @@ def _sparse24_gemv_kernel(
     BG: tl.constexpr = BLOCK_K // 4
     n_groups = K // 4
     acc = tl.zeros((BLOCK_N, BG), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         gg = k0 // 4 + tl.arange(0, BG)  # [BG] 2:4 groups
         if PAIRS:
             pair = load_rows(val_ptr, rn, N, gg, n_groups, ld_w, EVEN_K, 0)  # [BN, BG], 16-byte loads
@@ -177,7 +177,7 @@ def _sparse24_gemv_kernel(
         x2 = x_strided(x_ptr, gg, 2, 4, K, EVEN_K)
         x3 = x_strided(x_ptr, gg, 3, 4, K, EVEN_K)
         acc += v0 * select4(p0, x0, x1, x2, x3) + v1 * select4(p1, x0, x1, x2, x3)
-    store_row(out_ptr, acc, bias_ptr, rn, N, HAS_BIAS)
+    store_row(out_ptr, tl.sum(acc, axis=1), bias_ptr, rn, N, HAS_BIAS, SPLIT_K)
 
 
 _gemv = tuned_gemv(_sparse24_gemv_kernel, GEMV, INTERPRET_GEMV)

@@ -72,8 +72,8 @@ GEMV = [
     (32, 1024, 4),
     (16, 2048, 4),
     (8, 1024, 1),
-    (32, 2048, 8),
     (16, 512, 1),
+    (8, 512, 1),
 ]
 INTERPRET_GEMV = [(16, 256, 4)]
 
@@ -152,8 +152,8 @@ def _sparse24_w4a16_gemv_kernel(
     # x: [1, K], qvalues: [N, K/16], meta: [N, ceil(K/32)], scales/zeros: [N, K/G], bias: [N], out: [1, N]
     x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     N, K, ld_w, ld_meta,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Word j holds 2:4 groups 4j..4j+3 (dense columns 16j..16j+15); group 4j+t's values are nibbles 2t
     # and 2t+1, each meeting x[16j + 4t + pos]. Per word: t = sum (code - zero) * x in fp32, then
@@ -164,7 +164,7 @@ def _sparse24_w4a16_gemv_kernel(
     KW = K // 16
     n_groups = K // GROUP_SIZE
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         jj = k0 // 16 + tl.arange(0, BW)  # [BW] packed columns
         word = load_rows(qv_ptr, rn, N, jj, KW, ld_w, EVEN_K, 0)  # [BN, BW], 16-byte loads
         mask = (rn[:, None] < N) & (jj[None, :] < KW)
@@ -195,7 +195,7 @@ def _sparse24_w4a16_gemv_kernel(
             x3 = x_strided(x_ptr, jj, 4 * g + 3, 16, K, EVEN_K)
             t += v0 * select4(nib & 3, x0, x1, x2, x3) + v1 * select4(nib >> 2, x0, x1, x2, x3)
         acc += t * scale
-    store_row(out_ptr, acc, bias_ptr, rn, N, HAS_BIAS)
+    store_row(out_ptr, tl.sum(acc, axis=1), bias_ptr, rn, N, HAS_BIAS, SPLIT_K)
 
 
 _gemv = tuned_gemv(_sparse24_w4a16_gemv_kernel, GEMV, INTERPRET_GEMV)

@@ -71,9 +71,9 @@ GEMV = [
     (16, 2048, 2),
     (32, 2048, 4),
     (8, 2048, 1),
-    (16, 2048, 4),
-    (32, 1024, 4),
-    (64, 2048, 8),
+    (64, 2048, 4),
+    (16, 1024, 2),
+    (8, 1024, 1),
 ]
 INTERPRET_GEMV = [(16, 256, 4)]
 
@@ -231,8 +231,8 @@ def _w4a16_gemv_kernel(
     # x: [1, K], qweight: [N, K/8], scales/zeros: [N, K/G], bias: [N], out: [1, N]
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     N, K, ld_w,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # A K tile is NC chunks of C = min(G, 128) columns, unrolled so that their loads are in flight
     # together; a chunk lies inside one group, so its scale and zero are one value per row. Per word:
@@ -246,7 +246,7 @@ def _w4a16_gemv_kernel(
     KW = K // 8
     n_groups = K // GROUP_SIZE
     acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
-    for k0 in range(0, K, NC * C):
+    for k0 in range(tl.program_id(1) * NC * C, K, NC * C * SPLIT_K):
         for c in tl.static_range(NC):
             jj = (k0 + c * C) // 8 + tl.arange(0, CW)  # [CW] packed columns of this chunk
             word = load_rows(qw_ptr, rn, N, jj, KW, ld_w, EVEN_K, 0)  # [BN, CW]
@@ -268,7 +268,7 @@ def _w4a16_gemv_kernel(
                     w = (u | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
                 t += w * x_strided(x_ptr, jj, s, 8, K, EVEN_K)[None, :]
             acc += t * scale[:, None]
-    store_row(out_ptr, acc, bias_ptr, rn, N, HAS_BIAS)
+    store_row(out_ptr, tl.sum(acc, axis=1), bias_ptr, rn, N, HAS_BIAS, SPLIT_K)
 
 
 _gemv = tuned_gemv(_w4a16_gemv_kernel, GEMV, INTERPRET_GEMV)

@@ -88,3 +88,31 @@ def test_unknown_prefill_is_a_one_line_error():
     x = torch.randn(32, K).half().to(DEVICE)
     with pytest.raises(ValueError, match="prefill='fast'; use 'auto', 'fused' or 'dense'"):
         matmul(x, "fast")
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "int4", "sparse24_int4", "int8", "w8a8"])
+def test_gemv_split_k_matches_reference(fmt):
+    # a short, wide layer: the M == 1 GEMV splits K over several programs that add into fp32
+    from llmcompress.kernels.int8 import quantize_int8, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul, w8a16_matmul_ref
+
+    n, k = 24, 4096
+    assert _utils.gemv_split(n, k) == 4
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(n, k, generator=g) / k**0.5).half().to(DEVICE)
+    x = torch.randn(1, k, generator=g).half().to(DEVICE)
+    bias = torch.randn(n, generator=g).half().to(DEVICE)
+    if fmt == "sparse24":
+        values, meta = compress_24_ref(prune_24(w))
+        y, ref = sparse24_matmul(x, values, meta, bias), sparse24_matmul_ref(x, values, meta, bias)
+    elif fmt == "int4":
+        q = quantize_int4(w, 128)
+        y, ref = w4a16_matmul(x, *q, 128, bias), w4a16_matmul_ref(x, *q, 128, bias)
+    elif fmt == "sparse24_int4":
+        q = quantize_sparse24_int4(prune_24(w), 128)
+        y, ref = sparse24_w4a16_matmul(x, *q, 128, bias), sparse24_w4a16_matmul_ref(x, *q, 128, bias)
+    else:
+        q, scale = quantize_int8(w)
+        f, r = (w8a16_matmul, w8a16_matmul_ref) if fmt == "int8" else (w8a8_matmul, w8a8_matmul_ref)
+        y, ref = f(x, q, scale, bias), r(x, q, scale, bias)
+    assert y.shape == (1, n) and y.dtype == torch.float16
+    assert rel_err(y, ref) <= 2e-3
