@@ -221,11 +221,13 @@ def gemv_split(n: int, k: int) -> int:
     return 1 if n >= GEMV_SPLIT_MIN_N else max(1, min(8, k // 1024))
 
 
-def launch_gemv(kernel, x2d: torch.Tensor, n: int, args: tuple, out_dtype=None, **meta):
-    """x2d: [1, K] -> y: [1, N]; kernel signature (x, *args, out, N, K, <meta>, SPLIT_K, UPCAST, EVEN_K, <tiles>)."""
+def launch_gemv(kernel, x2d: torch.Tensor, n: int, args: tuple, out_dtype=None, split_k: bool = True, **meta):
+    """x2d: [1, K] -> y: [1, N]; kernel signature (x, *args, out, N, K, <meta>, SPLIT_K, UPCAST, EVEN_K, <tiles>).
+
+    split_k=False keeps one program per row block (int8: measured faster without the two extra launches)."""
     k = x2d.shape[1]
     out_dtype = out_dtype or x2d.dtype
-    split = gemv_split(n, k)
+    split = gemv_split(n, k) if split_k else 1
     if split == 1:
         out = torch.empty(1, n, device=x2d.device, dtype=out_dtype)
     else:

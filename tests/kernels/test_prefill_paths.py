@@ -92,7 +92,7 @@ def test_unknown_prefill_is_a_one_line_error():
 
 @pytest.mark.parametrize("fmt", ["sparse24", "int4", "sparse24_int4", "int8", "w8a8"])
 def test_gemv_split_k_matches_reference(fmt):
-    # a short, wide layer: the M == 1 GEMV splits K over several programs that add into fp32
+    # a short, wide layer: the 4-bit and 2:4 GEMVs split K over programs that add into fp32 (int8: one pass)
     from llmcompress.kernels.int8 import quantize_int8, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul, w8a16_matmul_ref
 
     n, k = 24, 4096
