@@ -17,6 +17,27 @@ DECODE_MAX_M = 16
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Shared by the three kernels that rebuild a weight tile in registers (2:4, int4, 2:4+int4); pruned to
+# the candidates that won somewhere on the H100 (benchmarks/results/kernels-NVIDIA-H100-80GB-HBM3.json).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64).
+UNPACK_PREFILL = [  # M = 17 .. DENSE_MIN_M - 1 by default: mid-size tiles
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 4, 8),
+    (128, 256, 64, 3, 8),
+]
+UNPACK_DECODE = [  # M = 2 .. 16: one 16-row M tile, narrow N tiles so that every SM streams weight
+    (16, 16, 256, 4, 4),
+    (16, 16, 128, 8, 2),
+    (16, 32, 256, 4, 4),
+    (16, 16, 512, 3, 4),
+    (16, 32, 128, 6, 4),
+    (16, 16, 128, 6, 4),
+]
+UNPACK_INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
+UNPACK_INTERPRET_DECODE = [(16, 32, 128, 1, 4)]
+
+
 def configs(table, interpret_table) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples -> triton Configs.
 

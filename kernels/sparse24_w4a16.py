@@ -19,6 +19,10 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    UNPACK_DECODE,
+    UNPACK_INTERPRET_DECODE,
+    UNPACK_INTERPRET_PREFILL,
+    UNPACK_PREFILL,
     DECODE_MAX_M,
     check,
     check_activation,
@@ -43,29 +47,8 @@ from .sparse24_matmul import densify_24, select4
 from .sparse24_pack import compress_24, compress_24_ref, decompress_24_ref, meta_cols
 from .w4a16 import check_group_size, check_int4, dequant_codes, dequantize_int4, load_group_params, quantize_int4
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
-PREFILL = [
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 8),
-    (64, 128, 64, 4, 4),
-    (64, 256, 64, 3, 8),
-    (128, 256, 64, 3, 8),
-    (128, 64, 64, 4, 4),
-]
-# decode: one 16-row M tile, narrow N tiles (every SM streams), deep pipelines: a 2:4+int4 row is K/4 bytes
-DECODE = [
-    (16, 16, 128, 6, 4),
-    (16, 16, 128, 8, 2),
-    (16, 32, 128, 6, 4),
-    (16, 64, 128, 4, 4),
-    (16, 16, 256, 4, 4),
-    (16, 32, 256, 4, 4),
-    (16, 16, 512, 3, 4),
-    (16, 32, 128, 8, 8),
-    (16, 64, 256, 3, 8),
-]
-INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 64, 1, 4)]
+PREFILL, DECODE = UNPACK_PREFILL, UNPACK_DECODE  # literal tables in _utils, shared by the unpacking kernels
+INTERPRET_PREFILL, INTERPRET_DECODE = UNPACK_INTERPRET_PREFILL, UNPACK_INTERPRET_DECODE
 # M == 1: (BLOCK_N, BLOCK_K, num_warps); BLOCK_K dense columns (K/16 words), 4 words (16 bytes) per thread
 GEMV = [
     (16, 1024, 2),

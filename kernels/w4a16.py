@@ -16,6 +16,10 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    UNPACK_DECODE,
+    UNPACK_INTERPRET_DECODE,
+    UNPACK_INTERPRET_PREFILL,
+    UNPACK_PREFILL,
     DECODE_MAX_M,
     check,
     check_2d,
@@ -41,30 +45,8 @@ from ._utils import (
     x_strided,
 )
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); BLOCK_K counts dense columns (>= 64)
-PREFILL = [
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 8),
-    (64, 128, 64, 4, 4),
-    (64, 256, 64, 3, 8),
-    (128, 256, 64, 3, 8),
-    (128, 64, 64, 4, 4),
-]
-# decode: one 16-row M tile; narrow N tiles so that a 4096-row weight spreads over every SM; either a
-# tile inside one scale group (one scale per row, deep pipeline) or long tiles (several loads in flight)
-DECODE = [
-    (16, 16, 128, 6, 4),
-    (16, 16, 128, 8, 2),
-    (16, 32, 128, 6, 4),
-    (16, 64, 128, 4, 4),
-    (16, 16, 256, 4, 4),
-    (16, 32, 256, 4, 4),
-    (16, 16, 512, 3, 4),
-    (16, 32, 128, 8, 8),
-    (16, 64, 256, 3, 8),
-]
-INTERPRET_PREFILL = [(32, 32, 64, 1, 4)]
-INTERPRET_DECODE = [(16, 32, 128, 1, 4)]
+PREFILL, DECODE = UNPACK_PREFILL, UNPACK_DECODE  # literal tables in _utils, shared by the unpacking kernels
+INTERPRET_PREFILL, INTERPRET_DECODE = UNPACK_INTERPRET_PREFILL, UNPACK_INTERPRET_DECODE
 # M == 1: (BLOCK_N, BLOCK_K, num_warps). 4 words (16 bytes) per thread per chunk, and a 2048-column tile
 # (16 chunks of 128 columns, unrolled) keeps a row's 1 KB in flight: ~4 MB at N = 4096
 GEMV = [
