@@ -51,6 +51,19 @@ def damped_inverse(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
                      "tokens or a larger percdamp")
 
 
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A⁻¹ B for a batch of symmetric positive definite A: [m, w, w], B: [m, w, N] -> [m, w, N].
+
+    Cholesky, with a per-matrix LU solve for the (numerically) indefinite ones. Not a batched LU solve:
+    torch 2.13's MKL build hangs in it with more than one thread ("Parameter 6 was incorrect on entry to
+    DLASWP"), which froze ZipLM databases built under --train-threads 2."""
+    L, info = torch.linalg.cholesky_ex(A)
+    out = torch.cholesky_solve(B, L)
+    for i in (info != 0).nonzero().flatten().tolist():
+        out[i] = torch.linalg.solve(A[i], B[i])
+    return out
+
+
 def structure_errors(W: torch.Tensor, Hinv: torch.Tensor, width: int, alive: torch.Tensor) -> torch.Tensor:
     """OBS error of removing each structure (`width` consecutive columns) on its own; inf for removed ones.
     W: [N, K], Hinv: [K, K], alive: [K // width] bool -> [K // width]"""
@@ -62,7 +75,7 @@ def structure_errors(W: torch.Tensor, Hinv: torch.Tensor, width: int, alive: tor
         Wg = W.T.reshape(m, width, n)  # [m, w, N]
         blocks = Hinv.reshape(m, width, m, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [m, w, w]
         blocks = torch.where(alive[:, None, None], blocks, torch.eye(width, dtype=W.dtype, device=W.device))
-        sol = torch.linalg.solve(blocks, Wg)  # [m, w, N]: Hinv_SS⁻¹ W_Sᵀ
+        sol = spd_solve(blocks, Wg)  # [m, w, N]: Hinv_SS⁻¹ W_Sᵀ
         err = (Wg * sol).sum((1, 2))
     return torch.where(alive, err, torch.full_like(err, float("inf")))
 
