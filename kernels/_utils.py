@@ -287,8 +287,10 @@ DENSIFY_BLOCK = (32, 128, 4)  # (BLOCK_N, BLOCK_K, num_warps) of the densify ker
 
 
 def use_dense(m: int, prefill: str) -> bool:
+    """Whether an [m, K] input takes the densify + torch.matmul path; decode sizes (m <= DECODE_MAX_M)
+    never do. The prefill choice is checked for every m, so a typo fails at once, not at the first prefill."""
     check(prefill in ("auto", "fused", "dense"), f"prefill={prefill!r}; use 'auto', 'fused' or 'dense'")
-    return prefill == "dense" or (prefill == "auto" and m >= DENSE_MIN_M)
+    return m > DECODE_MAX_M and (prefill == "dense" or (prefill == "auto" and m >= DENSE_MIN_M))
 
 
 def launch_densify(kernel, n: int, k: int, args: tuple, dtype: torch.dtype, device, **meta) -> torch.Tensor:

@@ -16,7 +16,6 @@ from ._utils import (
     UNPACK_INTERPRET_DECODE,
     UNPACK_INTERPRET_PREFILL,
     UNPACK_PREFILL,
-    DECODE_MAX_M,
     INTERPRET,
     check,
     check_activation,
@@ -208,7 +207,7 @@ def sparse24_matmul(
     # 16-bit values are read as int32 pairs (one 2:4 group per word): plain 16-byte loads, no reshuffle
     pairs = values.element_size() == 2 and not INTERPRET
     vals = values.view(torch.int32) if pairs else values
-    if x2d.shape[0] > DECODE_MAX_M and use_dense(x2d.shape[0], prefill):
+    if use_dense(x2d.shape[0], prefill):
         return torch.nn.functional.linear(x, sparse24_densify(values, meta), bias)
     if x2d.shape[0] == 1:
         y = launch_gemv(_gemv, x2d, n, (vals, meta, b), ld_w=vals.stride(0), ld_meta=meta.stride(0),

@@ -23,7 +23,6 @@ from ._utils import (
     UNPACK_INTERPRET_DECODE,
     UNPACK_INTERPRET_PREFILL,
     UNPACK_PREFILL,
-    DECODE_MAX_M,
     check,
     check_activation,
     check_bias,
@@ -238,7 +237,7 @@ def sparse24_w4a16_matmul(
     check_bias(bias, n, x.dtype)
     check_launchable(x, qvalues, meta, scales, *[t for t in (zeros, bias) if t is not None])
     args = (qvalues, meta, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
-    if x2d.shape[0] > DECODE_MAX_M and use_dense(x2d.shape[0], prefill):
+    if use_dense(x2d.shape[0], prefill):
         w = sparse24_w4a16_densify(qvalues, meta, scales, zeros, group_size)
         return torch.nn.functional.linear(x, w, bias)
     if x2d.shape[0] == 1:

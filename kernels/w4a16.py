@@ -20,7 +20,6 @@ from ._utils import (
     UNPACK_INTERPRET_DECODE,
     UNPACK_INTERPRET_PREFILL,
     UNPACK_PREFILL,
-    DECODE_MAX_M,
     check,
     check_2d,
     check_activation,
@@ -318,7 +317,7 @@ def w4a16_matmul(
     check_bias(bias, n, x.dtype)
     check_launchable(x, qweight, scales, *[t for t in (zeros, bias) if t is not None])
     args = (qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
-    if x2d.shape[0] > DECODE_MAX_M and use_dense(x2d.shape[0], prefill):
+    if use_dense(x2d.shape[0], prefill):
         w = w4a16_densify(qweight, scales, zeros, group_size)
         return torch.nn.functional.linear(x, w, bias)
     if x2d.shape[0] == 1 and group_size & (group_size - 1) == 0:  # power-of-two groups: GEMV chunks

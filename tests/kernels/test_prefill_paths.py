@@ -116,3 +116,9 @@ def test_gemv_split_k_matches_reference(fmt):
         y, ref = f(x, q, scale, bias), r(x, q, scale, bias)
     assert y.shape == (1, n) and y.dtype == torch.float16
     assert rel_err(y, ref) <= 2e-3
+
+
+def test_unknown_prefill_fails_at_decode_sizes_too():
+    matmul, _, _, _ = _formats(torch.float16)["int4"]
+    with pytest.raises(ValueError, match="prefill='fast'"):
+        matmul(torch.randn(1, K).half().to(DEVICE), "fast")
