@@ -10,6 +10,7 @@ Writes benchmarks/results/sparsity_quant.json and .md.
   python benchmarks/sparsity_quant.py                 # everything (hours on a 2-core CPU)
   python benchmarks/sparsity_quant.py --smoke         # 4 x 128-token samples, 4 windows, minimal recovery
   python benchmarks/sparsity_quant.py --rows dense,sparsegpt_24,peer_sparsegpt_24
+  python benchmarks/sparsity_quant.py --reuse         # rows finished earlier (same settings) are kept
 """
 
 from __future__ import annotations
@@ -233,7 +234,21 @@ def run_row(row: str, work: Path, cfg: dict, args) -> dict:
     inner = json.loads(result_file.read_text())
     out = {"row": row, "label": label, "wall_s": wall, "peak_rss_mb": inner["peak_rss_mb"],
            "compress_s": inner.get("compress_s", inner.get("oneshot_s")), "detail": inner}
-    return out | evaluate_row(work / row / "model", work, cfg)
+    out |= evaluate_row(work / row / "model", work, cfg)
+    (work / row / "row.json").write_text(json.dumps({"settings": cfg, "commit": git_commit(), "result": out}, indent=2))
+    return out
+
+
+def finished_row(row: str, work: Path, cfg: dict) -> dict | None:
+    """A row measured by an earlier run with the same settings (--reuse), tagged with that run's commit."""
+    f = work / row / "row.json"
+    if not f.exists():
+        return None
+    saved = json.loads(f.read_text())
+    relevant = (lambda c: c) if ROWS[row][1] == "recover" else (lambda c: {k: v for k, v in c.items() if k != "recover"})
+    if relevant(saved["settings"]) != relevant(cfg):
+        return None
+    return saved["result"] | {"measured_at": saved["commit"]}
 
 
 def compare(rows: list[dict]) -> None:
@@ -260,7 +275,7 @@ def markdown(report: dict) -> str:
 
     m, s = report["machine"], report["settings"]
     rows = [{**r, "wall_s": r.get("wall_s"), "peak_rss_mb": r.get("peak_rss_mb")} for r in report["rows"]]
-    cols = ["label", "perplexity", "x_dense", "x_peer", "compress_s", "wall_s", "peak_rss_mb", "target", "error"]
+    cols = ["label", "perplexity", "x_dense", "x_peer", "compress_s", "wall_s", "peak_rss_mb", "target", "measured_at", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     rec = s["recover"]
     protocol = next((r["ppl_protocol"] for r in rows if "ppl_protocol" in r), "")
@@ -296,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--global-steps", type=int, default=4, help="recovery: end-to-end steps")
     ap.add_argument("--resume", action="store_true", help="keep recovery checkpoints of an interrupted run "
                                                           "(the timings then cover only the resumed part)")
+    ap.add_argument("--reuse", action="store_true", help="keep rows an earlier run finished with the same settings "
+                                                         "(each keeps the commit it was measured at)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: WORK/results)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
@@ -318,7 +335,8 @@ def main(argv=None) -> int:
     prepare(work, cfg)
     results = []
     for row in rows:
-        r = run_row(row, work, cfg, args)
+        r = (finished_row(row, work, cfg) if args.reuse and ROWS[row][1] != "dense" else None) \
+            or run_row(row, work, cfg, args)
         results.append(r)
         shown = f"ppl {r['perplexity']:.3f}" if "perplexity" in r else r.get("error")
         print(f"{row}: {shown}" + (f", {r['wall_s']:.0f} s, {r['peak_rss_mb']:.0f} MiB" if "wall_s" in r else ""),
