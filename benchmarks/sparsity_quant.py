@@ -217,7 +217,9 @@ def run_row(row: str, work: Path, cfg: dict, args) -> dict:
     (work / row).mkdir(parents=True, exist_ok=True)
     result_file = work / row / "result.json"
     if kind == "dense":
-        return {"row": row, "label": label, **evaluate_row(work / "dense", work, cfg)}
+        out = {"row": row, "label": label, **evaluate_row(work / "dense", work, cfg)}
+        (work / row / "row.json").write_text(json.dumps({"settings": cfg, "commit": git_commit(), "result": out}))
+        return out
     if kind == "peer":
         cmd = [args.peer_python, str(HERE / "peer_llmcompressor.py"), "--method", PEER_METHOD[row],
                "--model", str(work / "dense"), "--calib", str(work / "calib.safetensors"),
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
     prepare(work, cfg)
     results = []
     for row in rows:
-        r = (finished_row(row, work, cfg) if args.reuse and ROWS[row][1] != "dense" else None) \
+        r = (finished_row(row, work, cfg) if args.reuse else None) \
             or run_row(row, work, cfg, args)
         results.append(r)
         shown = f"ppl {r['perplexity']:.3f}" if "perplexity" in r else r.get("error")
