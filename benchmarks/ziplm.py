@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     from llmcompress.models.graph import count_params
     from llmcompress.models.loading import cache_dir
     from llmcompress.prune.database import build_database, default_levels
-    from llmcompress.prune.ziplm_family import ZipLMConfig, measure_latency, profile_for, prune_family
+    from llmcompress.prune.ziplm_family import (ZipLMConfig, measure_latency, measured_speedup, profile_for,
+                                                 prune_family)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -96,13 +97,13 @@ def main(argv=None) -> int:
     dense = {"params": count_params(graph), "perplexity": ppl(graph),
              "latency_ms": measure_latency(graph, cfg.metric, cfg.batch, table)}
     other = "prefill" if cfg.metric == "decode" else "decode"
-    dense_other = measure_latency(graph, other, cfg.batch, table)
     results = []
     for row in rows:
         uni = row["uniform"]
         r = {"target": row["target_speedup"], "predicted": row["predicted_speedup"],
              "measured": row["measured_speedup"], "params": row["params"], "perplexity": ppl(row["model"]),
-             f"measured_{other}": dense_other / measure_latency(row["model"], other, cfg.batch, table),
+             f"measured_{other}": measured_speedup(graph, row["model"], other, cfg.batch, table,
+                                                   cfg.measure_rounds)["speedup"],
              "choice": row["choice"], "rounds": row["rounds"],
              "uniform": {"kv_groups": uni["kv_groups"], "ffn": uni["ffn"], "params": uni["params"],
                          "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
                              f"{e['perplexity']:.2f} ({e['perplexity'] / d:.2f}x) | {e['cumulative_tokens']:,} |")
         lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
                   f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
-                  f"{table.settings.prompt_len}) with the cost table's clock; predicted from the table "
+                  f"{table.settings.prompt_len}) with the cost table's clock, dense and pruned timed back to back "
+                  f"in {cfg.measure_rounds} rounds (median ratio); predicted from the table "
                   f"({table.device}); refinement rounds: {args.refine}",
                   f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
                   "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
@@ -195,10 +197,10 @@ def main(argv=None) -> int:
         rows_g = prune_gradual(graph, tokens, CostModel(table), gcfg, train, folder=work / "gradual", measure=False)
         seconds = time.perf_counter() - t0
         torch.set_num_threads(args.threads)
-        dense_ms = measure_latency(graph, cfg.metric, cfg.batch, table)
         for k, row in enumerate(rows_g):
             gradual.append({"target": row["target_speedup"], "predicted": row["predicted_speedup"],
-                            "measured": dense_ms / measure_latency(row["model"], cfg.metric, cfg.batch, table),
+                            "measured": measured_speedup(graph, row["model"], cfg.metric, cfg.batch, table,
+                                                         cfg.measure_rounds)["speedup"],
                             "params": row["params"], "perplexity": ppl(row["model"]), "choice": row["choice"],
                             "cumulative_tokens": args.gradual_tokens * (k + 1),
                             "distillation": row["distillation"], "seconds_all_targets": seconds})

@@ -8,9 +8,10 @@ from llmcompress.hardware.profile import (
     Timing,
     load_table,
     measure_model,
+    measure_speedup,
     profile,
     save_table,
 )
 
-__all__ = ["CostModel", "CostTable", "Entry", "ProfileSettings", "Timing", "load_table", "measure_model", "profile",
-           "save_table"]
+__all__ = ["CostModel", "CostTable", "Entry", "ProfileSettings", "Timing", "load_table", "measure_model",
+           "measure_speedup", "profile", "save_table"]

@@ -444,9 +444,11 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
 
 
 def measure_model(graph: ModelGraph, batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
-                  repeats: int = 3, warmup: int = 1, clock: str = "wall") -> dict[str, Timing]:
+                  repeats: int = 3, warmup: int = 1, clock: str = "wall",
+                  metrics: Sequence[str] = ("prefill", "decode")) -> dict[str, Timing]:
     """End-to-end latency of the whole model under the table's definitions: prefill = one forward over
-    [batch, prompt_len] without cache; decode = mean step time of gen_len greedy steps after a cached prompt."""
+    [batch, prompt_len] without cache; decode = mean step time of gen_len greedy steps after a cached prompt.
+    metrics: which of the two to measure (the result holds those)."""
     from transformers import DynamicCache
 
     ref = next(graph.parameters())
@@ -454,7 +456,14 @@ def measure_model(graph: ModelGraph, batch: int = 1, prompt_len: int = 512, gen_
     now = check_clock(clock, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, graph.config.vocab_size, (batch, prompt_len), generator=gen).to(device)  # [B, L]
-    prefill = time_calls([lambda: graph(ids)], repeats, warmup, device, clock=clock)
+    unknown = set(metrics) - {"prefill", "decode"}
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}: choose from prefill, decode")
+    out = {}
+    if "prefill" in metrics:
+        out["prefill"] = time_calls([lambda: graph(ids)], repeats, warmup, device, clock=clock)
+    if "decode" not in metrics:
+        return out
     samples = []
     with torch.no_grad():
         for i in range(warmup + repeats):
@@ -468,4 +477,36 @@ def measure_model(graph: ModelGraph, batch: int = 1, prompt_len: int = 512, gen_
             if i >= warmup:
                 samples.append((now() - t0) / gen_len)
             del cache
-    return {"prefill": prefill, "decode": summarize(samples)}
+    return out | {"decode": summarize(samples)}
+
+
+def measure_speedup(reference: ModelGraph, model: ModelGraph, metric: str = "decode", batch: int = 1,
+                    prompt_len: int = 512, gen_len: int = 64, rounds: int = 5, clock: str = "wall") -> dict:
+    """Speed-up of `model` over `reference` (reference ms / model ms) in `metric`, measured in pairs.
+
+    The speed of a shared machine drifts by tens of percent within minutes, which a reference timed once and
+    models timed later turn into errors of the speed-up. Each round therefore times both models back to back
+    (order alternating between rounds), after one untimed warm-up run of each; the result is the median over
+    rounds of the per-round ratio. -> {"speedup", "reference_ms", "model_ms" (medians), "ratios", "rounds"}"""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: measure at least one round")
+    if metric not in ("decode", "prefill"):
+        raise ValueError(f"metric {metric!r} is not a latency: choose decode or prefill")
+
+    def once(graph: ModelGraph, warmup: int) -> float:
+        t = measure_model(graph, batch=batch, prompt_len=prompt_len, gen_len=gen_len, repeats=1, warmup=warmup,
+                          clock=clock, metrics=(metric,))
+        return t[metric].median_ms
+
+    once(reference, 0), once(model, 0)  # warm-up (allocator, caches, lazy initialisation)
+    ref_ms, model_ms = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            ref_ms.append(once(reference, 0))
+            model_ms.append(once(model, 0))
+        else:
+            model_ms.append(once(model, 0))
+            ref_ms.append(once(reference, 0))
+    ratios = [a / b for a, b in zip(ref_ms, model_ms)]
+    return {"speedup": statistics.median(ratios), "reference_ms": statistics.median(ref_ms),
+            "model_ms": statistics.median(model_ms), "ratios": ratios, "rounds": rounds}

@@ -48,6 +48,8 @@ class ZipLMConfig(BaseModel):
                                                "already-pruned layers")
     refine: int = Field(1, ge=0, description="rounds of measuring each model and rescaling its budget")
     refine_tolerance: float = Field(0.03, ge=0, description="no refinement when measured is this close (relative)")
+    measure_rounds: int = Field(3, gt=0, description="rounds of back-to-back (dense, pruned) timing per measured "
+                                                     "speed-up; the median ratio is reported")
     percdamp: float = Field(0.01, gt=0)
     batch_size: int = Field(8, gt=0)
     buckets: int = Field(20000, gt=100, description="resolution of the DP's time axis")
@@ -77,8 +79,18 @@ def measure_latency(graph: ModelGraph, metric: str, batch: int, table) -> float:
 
     s = table.settings
     t = measure_model(graph, batch=batch, prompt_len=s.prompt_len, gen_len=min(s.gen_len, 64), repeats=3,
-                      warmup=1, clock=s.clock)
+                      warmup=1, clock=s.clock, metrics=(metric,))
     return t[metric].median_ms
+
+
+def measured_speedup(reference: ModelGraph, model: ModelGraph, metric: str, batch: int, table, rounds: int = 3
+                     ) -> dict:
+    """reference / model latency timed in back-to-back pairs (`hardware.profile.measure_speedup`) with the
+    table's settings and clock. -> {"speedup", "reference_ms", "model_ms", "ratios", "rounds"}"""
+    from llmcompress.hardware.profile import measure_speedup
+
+    s = table.settings
+    return measure_speedup(reference, model, metric, batch, s.prompt_len, min(s.gen_len, 64), rounds, s.clock)
 
 
 def uniform_for_budget(db: Database, costs, errors, constant: float, budget: float) -> tuple[int, int]:
@@ -101,18 +113,19 @@ def uniform_for_budget(db: Database, costs, errors, constant: float, budget: flo
 
 def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, tokens: torch.Tensor | None = None,
                  measure: bool = True, uniform: bool = False, progress: Progress | None = None,
-                 reference: tuple[float, float | None] | None = None) -> list[dict]:
+                 reference: tuple[float, ModelGraph] | None = None) -> list[dict]:
     """One pruned model per target speed-up. -> [{speedup, model, predicted_speedup, measured_speedup, ...}]
-    reference: (predicted, measured) ms of the model the speed-ups refer to, when `graph` is not that model
+    Measured speed-ups time the reference and each model in back-to-back pairs (`measured_speedup`).
+    reference: (predicted ms, model) of the model the speed-ups refer to, when `graph` is not that model
     (gradual mode); by default `graph` itself."""
     costs, constant = part_costs(db, graph.config, cost_model, cfg.metric, cfg.batch)
     errors = part_errors(db, cfg.normalise)
     dp = KnapsackDP(costs, errors, cfg.buckets)
-    if reference is None:
-        dense_pred = constant + sum(c[0] for c in costs)
-        dense_meas = measure_latency(graph, cfg.metric, cfg.batch, cost_model.table) if measure else None
-    else:
-        dense_pred, dense_meas = reference
+    dense_pred, ref_graph = reference if reference is not None else (constant + sum(c[0] for c in costs), graph)
+
+    def timed(model: ModelGraph) -> dict | None:
+        return measured_speedup(ref_graph, model, cfg.metric, cfg.batch, cost_model.table, cfg.measure_rounds) \
+            if measure else None
     results = []
     for n, target in enumerate(cfg.speedups):
         budget = dense_pred / target
@@ -122,9 +135,10 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
             choice = layer_choice(db, sol.choice)
             model = realise(graph, db, choice)  # latency does not depend on the weights: the quick realisation
             pred = dense_pred / (constant + sol.cost)
-            meas = dense_meas / measure_latency(model, cfg.metric, cfg.batch, cost_model.table) if measure else None
+            timing = timed(model)
+            meas = timing["speedup"] if timing is not None else None
             rounds.append({"budget_ms": budget, "predicted_speedup": pred, "measured_speedup": meas,
-                           "error": sol.error})
+                           "error": sol.error, "timing": timing})
             if meas is None or abs(meas / target - 1) <= cfg.refine_tolerance or r == cfg.refine:
                 break
             budget = budget * meas / target  # measured too slow -> tighter budget, and vice versa
@@ -132,15 +146,15 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
             model = realise(graph, db, choice, tokens, cfg.batch_size)
         row = {"target_speedup": target, "model": model, "choice": choice, "predicted_speedup": pred,
                "measured_speedup": meas, "predicted_ms": constant + sol.cost, "dense_predicted_ms": dense_pred,
-               "dense_measured_ms": dense_meas, "error": sol.error, "params": count_params(model),
+               "dense_measured_ms": timing["reference_ms"] if timing else None, "error": sol.error, "params": count_params(model),
                "rounds": rounds}
         if uniform:
             a, f = uniform_for_budget(db, costs, errors, constant, budget)
             base = realise_uniform(graph, db, a, f)
+            base_timing = timed(base)
             row["uniform"] = {"kv_groups": a, "ffn": f, "model": base, "params": count_params(base),
-                              "measured_speedup": dense_meas / measure_latency(base, cfg.metric, cfg.batch,
-                                                                               cost_model.table)
-                              if measure else None}
+                              "measured_speedup": base_timing["speedup"] if base_timing else None,
+                              "timing": base_timing}
         results.append(row)
         if progress is not None:
             progress("ZipLM: models for the targets", n + 1, len(cfg.speedups))
@@ -174,7 +188,7 @@ def prune_gradual(graph: ModelGraph, tokens: torch.Tensor, cost_model, cfg: ZipL
         step = cfg.model_copy(update={"speedups": [target]})
         row = prune_family(current, db, cost_model, step, tokens, measure, progress=progress, reference=reference)[0]
         if reference is None:
-            reference = (row["dense_predicted_ms"], row["dense_measured_ms"])
+            reference = (row["dense_predicted_ms"], graph)
         report = train_gkd(graph, row["model"], train, gcfg, folder=sub, progress=progress)
         row["distillation"] = {"steps": report["step"]} | {k: report[k] for k in ("tokens", "seconds", "protocol")} | {
             "loss_first": report["history"][0]["loss"] if report["history"] else None,
@@ -233,5 +247,5 @@ def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, 
     return rows, report
 
 
-__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "profile_for", "prune_family", "prune_gradual",
+__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "measured_speedup", "profile_for", "prune_family", "prune_gradual",
            "run_ziplm", "uniform_for_budget"]

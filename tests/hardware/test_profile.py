@@ -266,3 +266,29 @@ def test_cli_profiles_a_model(tiny_hf_dir, tmp_path):
     assert table.settings.batches == [1, 2] and "ffn:mlp_48:dense" in table.entries
     out = " ".join(r.output.split())
     assert "predicted for the model at batch 2: prefill" in out and "gqa_4q_1kv" in out, r.output
+
+
+def test_measure_model_times_only_the_requested_metrics(tiny_graph):
+    from llmcompress.hardware import measure_model
+
+    t = measure_model(tiny_graph, prompt_len=8, gen_len=2, repeats=1, warmup=0, metrics=("decode",))
+    assert set(t) == {"decode"} and t["decode"].samples == 1
+    assert set(measure_model(tiny_graph, prompt_len=8, gen_len=2, repeats=1, warmup=0)) == {"prefill", "decode"}
+    with pytest.raises(ValueError, match="unknown metrics"):
+        measure_model(tiny_graph, prompt_len=8, gen_len=2, metrics=("throughput",))
+
+
+def test_measure_speedup_pairs_the_two_models():
+    from llmcompress.hardware import measure_speedup
+
+    torch.manual_seed(0)
+    deep = build(tiny_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=8))
+    shallow = build(tiny_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=1))
+    r = measure_speedup(deep, shallow, "prefill", prompt_len=64, rounds=3)
+    assert r["rounds"] == 3 and len(r["ratios"]) == 3
+    assert r["speedup"] == sorted(r["ratios"])[1]  # the median ratio, not the ratio of medians
+    assert r["speedup"] > 1.5  # 8 layers against 1: the ratio's direction is reference / model
+    with pytest.raises(ValueError, match="at least one round"):
+        measure_speedup(deep, shallow, rounds=0)
+    with pytest.raises(ValueError, match="not a latency"):
+        measure_speedup(deep, shallow, metric="throughput")
