@@ -90,6 +90,23 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return xq, amax / c127
 
 
+EXACT_FP32_COLUMNS = 1024  # 1024 * 128 * 127 < 2^24: fp32 sums of that many int8 products are exact integers
+
+
+def int8_dot_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a: [M, K], b: [N, K] holding integers in [-128, 127] (any dtype) -> a @ b.T exactly, as float64 [M, N].
+
+    What the kernel's int32 accumulator holds, from fp32 matmuls (several times faster than fp64 on CPU):
+    over at most EXACT_FP32_COLUMNS columns every partial sum is an integer below 2^24, so exact in any
+    order; the chunks are added in fp64. Differentiable (the int8 path of recovery training uses it)."""
+    out = None
+    for k0 in range(0, a.shape[-1], EXACT_FP32_COLUMNS):
+        k1 = k0 + EXACT_FP32_COLUMNS
+        part = (a[:, k0:k1].float() @ b[:, k0:k1].float().T).double()
+        out = part if out is None else out + part
+    return out
+
+
 def w8a16_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
     y = (x.float() @ qweight.float().T) * scale.float()
     return (y if bias is None else y + bias.float()).to(x.dtype)
@@ -98,9 +115,7 @@ def w8a16_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
 def w8a8_matmul_ref(x, qweight, scale, bias=None) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_per_token_ref(x2d)
-    # what the kernel accumulates in int32; float64 holds these integer sums exactly (|sum| < K * 127^2 < 2^53)
-    # and, unlike int64, has a matmul on CUDA
-    acc = (xq.double() @ qweight.double().T).to(torch.int32)
+    acc = int8_dot_exact(xq, qweight).to(torch.int32)  # what the kernel accumulates in int32
     y = acc.float() * xs[:, None] * scale.float()
     y = y if bias is None else y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)

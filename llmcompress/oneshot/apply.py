@@ -31,7 +31,8 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_samples: int = Field(128, gt=0, description="calibration sequences")
     seq_len: int = Field(512, gt=1, description="tokens per calibration sequence")
-    batch_size: int = Field(8, gt=0, description="sequences per forward of a layer")
+    batch_size: int = Field(2, gt=0, description="sequences per forward of a layer (small batches keep the "
+                                                  "attention temporaries, and so the peak memory, small)")
     true_sequential: bool = Field(True, description="compress q/k/v, o, gate/up, down in turn, each seeing "
                                                     "the earlier ones compressed (else one pass per half-layer)")
     blocksize: int = Field(128, gt=0, description="columns per OBS block")
@@ -135,7 +136,8 @@ def prune_model(graph, tokens: torch.Tensor | None, cfg: PruneConfig, progress: 
     else:
         if tokens is None:
             raise ValueError(f"{cfg.method} needs calibration data")
-        calibrate_layerwise(graph, tokens, compress, hessian=cfg.method == "sparsegpt", device=cfg.device,
+        calibrate_layerwise(graph, tokens, compress, hessian=cfg.method == "sparsegpt", norms=cfg.method == "wanda",
+                            device=cfg.device,
                             true_sequential=cfg.true_sequential, batch_size=cfg.batch_size, progress=progress,
                             label=f"pruning ({cfg.method} {cfg.pattern})")
     return {"method": cfg.method, "pattern": cfg.pattern, "linears": len(linears),
@@ -182,7 +184,7 @@ def quantize_model(graph, tokens: torch.Tensor | None, cfg: QuantizeConfig, prog
     else:
         if tokens is None:
             raise ValueError("gptq and SmoothQuant need calibration data")
-        calibrate_layerwise(graph, tokens, compress, hessian=cfg.method == "gptq", device=cfg.device,
+        calibrate_layerwise(graph, tokens, compress, hessian=cfg.method == "gptq", norms=False, device=cfg.device,
                             prepare=prepare if cfg.smoothquant_alpha is not None else None,
                             true_sequential=cfg.true_sequential, batch_size=cfg.batch_size, progress=progress,
                             label=f"quantizing ({cfg.method} {cfg.scheme})")

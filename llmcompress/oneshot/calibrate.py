@@ -31,13 +31,14 @@ Progress = Callable[[str, int, int], None]
 
 
 class InputStats:
-    """Running statistics of a linear layer's inputs x: [T, K] (T tokens seen so far)."""
+    """Running statistics of a linear layer's inputs x: [T, K] (T tokens seen so far): the Hessian
+    2/n Σ x xᵀ when `hessian`, Σ x_j² and max |x_j| when `norms`."""
 
-    def __init__(self, k: int, device, hessian: bool = True):
+    def __init__(self, k: int, device, hessian: bool = True, norms: bool = True):
         self.n = 0
         self.H = torch.zeros(k, k, device=device) if hessian else None  # 2/n Σ x xᵀ (OBS solvers)
-        self.sqnorm = torch.zeros(k, device=device)  # Σ x_j² (Wanda)
-        self.absmax = torch.zeros(k, device=device)  # max |x_j| (SmoothQuant)
+        self.sqnorm = torch.zeros(k, device=device) if norms else None  # Σ x_j² (Wanda)
+        self.absmax = torch.zeros(k, device=device) if norms else None  # max |x_j| (SmoothQuant)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
@@ -45,24 +46,45 @@ class InputStats:
         if self.H is not None:
             self.H.mul_(self.n / (self.n + t)).addmm_(x.T, x, alpha=2 / (self.n + t))
         self.n += t
-        self.sqnorm += x.pow(2).sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        if self.sqnorm is not None:
+            self.sqnorm += x.pow(2).sum(0)
+            self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
 
 
 @contextmanager
-def capture_inputs(modules: dict[str, nn.Module], hessian: bool = True) -> Iterator[dict[str, InputStats]]:
+def capture_inputs(modules: dict[str, nn.Module], hessian: bool = True,
+                   norms: bool = True) -> Iterator[dict[str, InputStats]]:
     """The one place calibration hooks are registered: every forward of modules[name] adds its
-    input to stats[name]; the hooks are removed on exit."""
-    stats, handles = {}, []
+    input to stats[name]; the hooks are removed on exit.
+
+    Modules fed the very same tensor one after the other (q/k/v, gate/up) share one InputStats: the
+    statistics are computed once (the solvers copy what they change)."""
+    stats, handles, alias = {}, [], {}
+    last = {"x": None, "name": None}
+
+    def hook(name, s, args):
+        x = args[0]
+        if name not in alias:  # the first call decides: the previous hook's input, or a new one
+            alias[name] = (alias.get(last["name"]) or last["name"]) if x is last["x"] else None
+        if alias[name] is None:
+            s.add(x)
+        elif x is not last["x"]:
+            raise RuntimeError(f"{name} shared its input with {alias[name]} on the first batch but not later")
+        last["x"], last["name"] = x, name
+
     for name, mod in modules.items():
         ref = next(iter(mod.buffers()), None) if not isinstance(mod, nn.Linear) else mod.weight
-        stats[name] = s = InputStats(mod.in_features, ref.device, hessian)
-        handles.append(mod.register_forward_hook(lambda m, args, out, s=s: s.add(args[0])))
+        stats[name] = s = InputStats(mod.in_features, ref.device, hessian, norms)
+        handles.append(mod.register_forward_hook(lambda m, args, out, n=name, s=s: hook(n, s, args)))
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+        last["x"] = None
+        for name, root in alias.items():
+            if root is not None:
+                stats[name] = stats[root]
 
 
 class _Catcher(nn.Module):
@@ -110,6 +132,59 @@ def halves(layer: nn.Module) -> list[tuple[str, nn.Module, Callable]]:
     return out
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward once the hooked linears have all run."""
+
+
+@contextmanager
+def _stop_after(modules: list[nn.Module]) -> Iterator[None]:
+    """Within the block, a forward ends (raising _Stop) as soon as every module of `modules` has run once."""
+    seen: set[int] = set()
+
+    def hook(m, args, out):
+        seen.add(id(m))
+        if len(seen) == len(modules):
+            seen.clear()
+            raise _Stop
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_until_stop(step: Callable, x, cos, sin) -> None:
+    try:
+        step(x, cos, sin)
+    except _Stop:
+        pass
+
+
+def _run_caching(block: nn.Module, linear: nn.Module, step: Callable, inputs: list) -> list | None:
+    """Run the half on every batch, keeping `linear`'s inputs when the block's output is `linear`'s own
+    output (o_proj, down_proj): the half's output with `linear` replaced is then x + new_linear(cached),
+    without running the rest of the half again. -> cached inputs per batch, or None (not that shape)."""
+    cached, outs, ok = [], [], []
+
+    def keep(m, args, out):
+        cached.append(args[0])
+        outs.append(out)
+
+    def check(m, args, out):
+        ok.append(bool(outs) and out is outs[-1])
+
+    h1, h2 = linear.register_forward_hook(keep), block.register_forward_hook(check)
+    try:
+        for x, cos, sin in inputs:
+            step(x, cos, sin)
+            outs.clear()
+    finally:
+        h1.remove(), h2.remove()
+    return cached if len(ok) == len(inputs) == len(cached) and all(ok) else None
+
+
 @torch.no_grad()
 def calibrate_layerwise(
     graph,
@@ -117,6 +192,7 @@ def calibrate_layerwise(
     compress: Compress,
     *,
     hessian: bool = True,
+    norms: bool = True,
     prepare: Callable[[nn.Module, Callable], None] | None = None,
     true_sequential: bool = True,
     device: str | torch.device | None = None,
@@ -126,9 +202,15 @@ def calibrate_layerwise(
 ) -> None:
     """Compress every decoder linear of `graph` in place, layer by layer.
 
-    tokens: [N, S] calibration sequences. compress(full_name, module, stats) -> replacement module.
+    tokens: [N, S] calibration sequences. compress(full_name, module, stats) -> replacement module;
+    stats carry the Hessian when `hessian` and the input norms when `norms`.
     prepare(layer, collect), if given, runs first on each layer; collect(names) -> {name: InputStats}
     runs the layer once with hooks on those linears (SmoothQuant uses it to fold scales).
+
+    Work saved without changing a result: a group's calibration forward stops once its linears have
+    run, and a half whose last group is its output linear (o_proj; not down_proj, whose inputs are wider
+    than the activations kept) propagates from that linear's cached inputs instead of running the whole
+    half again.
     """
     home = next(graph.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -138,22 +220,38 @@ def calibrate_layerwise(
         layer.to(device)
         if prepare is not None:
             def collect(names: list[str], layer=layer) -> dict[str, InputStats]:
-                with capture_inputs({n: layer.get_submodule(n) for n in names}, hessian=False) as stats:
+                mods = {n: layer.get_submodule(n) for n in names}
+                with capture_inputs(mods, hessian=False) as stats, _stop_after(list(mods.values())):
                     for x, cos, sin in inputs:
-                        layer(x, cos, sin, None, None)
+                        _run_until_stop(lambda x, cos, sin: layer(x, cos, sin, None, None), x, cos, sin)
                 return stats
 
             prepare(layer, collect)
         for prefix, block, step in halves(layer):
-            for group in linear_groups(block, true_sequential):
-                with capture_inputs({n: block.get_submodule(n) for n in group}, hessian) as stats:
-                    for x, cos, sin in inputs:
-                        step(x, cos, sin)
+            groups, cached = linear_groups(block, true_sequential), None
+            for gi, group in enumerate(groups):
+                mods = {n: block.get_submodule(n) for n in group}
+                with capture_inputs(mods, hessian, norms) as stats:
+                    if gi < len(groups) - 1:  # later groups still to come: stop after this one's linears
+                        with _stop_after(list(mods.values())):
+                            for x, cos, sin in inputs:
+                                _run_until_stop(step, x, cos, sin)
+                    elif len(group) == 1 and mods[group[0]].in_features <= mods[group[0]].out_features:
+                        # (a wider input, down_proj's, would cost more memory than the activations kept)
+                        cached = _run_caching(block, mods[group[0]], step, inputs)
+                    else:
+                        for x, cos, sin in inputs:
+                            step(x, cos, sin)
                 for n in group:
                     name = f"model.layers.{idx}.{prefix}.{n}"
                     block.set_submodule(n, compress(name, block.get_submodule(n), stats[n]))
                 del stats
-            inputs = [(step(x, cos, sin), cos, sin) for x, cos, sin in inputs]
+            out_linear = block.get_submodule(groups[-1][0]) if cached is not None else None
+            for i, (x, cos, sin) in enumerate(inputs):  # in place: one batch's activations at a time
+                y = x + out_linear(cached[i]) if cached is not None else step(x, cos, sin)
+                inputs[i] = (y, cos, sin)
+                if cached is not None:
+                    cached[i] = None
         layer.to(home)
         if progress is not None:
             progress(label, idx + 1, n_layers)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llmcompress.formats import QuantLinear, Sparse24Linear, weight_format
+from llmcompress.kernels.int8 import int8_dot_exact
 from llmcompress.kernels.sparse24_pack import decompress_24_ref, pack_meta
 from llmcompress.oneshot.magnitude import keep_mask, parse_pattern
 from llmcompress.oneshot.rtn import GROUP_SIZES, QuantSpec, qparams
@@ -185,7 +186,7 @@ class FakeQuantLinear(nn.Module):
         c127 = torch.full_like(amax, 127.0)
         inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
         xq = torch.clamp(round_ste(x2d * inv[:, None]), -127, 127)
-        acc = (xq.double() @ self.codes().double().T).float()  # integer sums: exact in fp64, as the kernel's int32
+        acc = int8_dot_exact(xq, self.codes()).float()  # the kernel's int32 sums, exactly
         y = acc * (amax / c127)[:, None] * self.scales()[:, 0]
         y = y if bias is None else y + bias
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

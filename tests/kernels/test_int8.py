@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmcompress.kernels.int8 import (
+    int8_dot_exact,
     quantize_int8,
     quantize_per_token,
     quantize_per_token_ref,
@@ -104,3 +105,16 @@ def test_gpu_large_fp16(m):
     ref_q, ref_s = quantize_per_token_ref(x)
     torch.testing.assert_close(xs, ref_s, atol=0, rtol=0)
     assert (xq.int() - ref_q.int()).abs().max() <= 1 and (xq != ref_q).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("k", [7, 1024, 1025, 3000])
+def test_int8_dot_exact_is_the_integer_sum(k):
+    # the worst case for fp32: every product at its largest magnitude, same sign, so the sum outgrows 2^24
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (6, k), generator=g, dtype=torch.int8)
+    a[0], b[0] = -127, -127  # odd products: their sums past 2^24 are not fp32 numbers
+    expect = a.long() @ b.long().T
+    got = int8_dot_exact(a, b)
+    assert got.dtype == torch.float64
+    assert torch.equal(got.long(), expect)

@@ -6,6 +6,7 @@ from torch import nn
 
 from llmcompress.models import AttentionConfig, BlockConfig, FFNConfig, set_block
 from llmcompress.oneshot.calibrate import (
+    InputStats,
     calibrate_layerwise,
     capture_inputs,
     first_layer_inputs,
@@ -90,3 +91,64 @@ def test_heterogeneous_layers():
     calibrate_layerwise(graph, toks, lambda n, m, s: seen.append(n) or m, hessian=False)
     assert "model.layers.1.mlp.linear_mlp" in seen and not any(n.startswith("model.layers.1.self_attn") for n in seen)
     assert len(seen) == 7 + 1 + 7
+
+
+def test_linears_fed_the_same_tensor_share_their_statistics():
+    attn = tiny_graph().model.layers[0].self_attn
+    x = torch.randn(2, 24, 64)
+    cos, sin = torch.ones(2, 24, 16), torch.zeros(2, 24, 16)
+    with capture_inputs({n: attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}) as stats:
+        attn(x, cos, sin, None, None)
+        attn(x * 2, cos, sin, None, None)
+    assert stats["q_proj"] is stats["k_proj"] is stats["v_proj"] and stats["o_proj"] is not stats["q_proj"]
+    alone = InputStats(64, "cpu")
+    alone.add(x), alone.add(x * 2)
+    torch.testing.assert_close(stats["v_proj"].H, alone.H, rtol=0, atol=0)
+    assert stats["k_proj"].n == 2 * 48
+
+
+def _naive_layerwise(graph, toks, compress, batch_size):
+    """The driver without shortcuts: every group's pass runs the whole half, each linear keeps its own
+    statistics, and each half is run again to propagate."""
+    inputs = first_layer_inputs(graph, toks, batch_size, "cpu")
+    for idx, layer in enumerate(graph.model.layers):
+        for prefix, block, step in halves(layer):
+            for group in linear_groups(block):
+                stats, hooks = {}, []
+                for n in group:
+                    mod = block.get_submodule(n)
+                    stats[n] = s = InputStats(mod.in_features, "cpu")
+                    hooks.append(mod.register_forward_hook(lambda m, a, o, s=s: s.add(a[0])))
+                for x, cos, sin in inputs:
+                    step(x, cos, sin)
+                for h in hooks:
+                    h.remove()
+                for n in group:
+                    block.set_submodule(n, compress(f"model.layers.{idx}.{prefix}.{n}", block.get_submodule(n), stats[n]))
+            inputs = [(step(x, cos, sin), cos, sin) for x, cos, sin in inputs]
+
+
+@torch.no_grad()
+def test_shortcuts_change_no_result():
+    """Early-stopped group passes, shared statistics and o_proj's cached-input propagation give the
+    Hessians and weights of the plain driver, bit for bit."""
+    results = []
+    for driver in (calibrate_layerwise, _naive_layerwise):
+        graph, toks, hessians = tiny_graph(), tokens(), {}
+
+        def compress(name, module, stats):
+            hessians[name] = stats.H.clone()
+            module.weight.copy_(torch.round(module.weight * 8) / 8)  # every linear changes, o_proj and down_proj too
+            return module
+
+        if driver is calibrate_layerwise:
+            driver(graph, toks, compress, batch_size=4)
+        else:
+            driver(graph, toks, compress, 4)
+        results.append((hessians, graph.state_dict()))
+    (h1, w1), (h2, w2) = results
+    assert h1.keys() == h2.keys() and len(h1) == 14
+    for k in h1:
+        torch.testing.assert_close(h1[k], h2[k], rtol=0, atol=0, msg=k)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
