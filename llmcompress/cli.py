@@ -590,7 +590,7 @@ def distill(
     local_tokens: Annotated[Optional[int], typer.Option(help="tokens per decoder layer (budget)")] = None,
     global_steps: Annotated[Optional[int], typer.Option(help="end-to-end steps (0: no global phase)")] = 100,
     global_tokens: Annotated[Optional[int], typer.Option(help="end-to-end tokens (budget)")] = None,
-    local_lr: float = 1e-4,
+    local_lr: float = 1e-3,
     lr: Annotated[float, typer.Option(help="global phase learning rate")] = 1e-5,
     local_inputs: Annotated[str, typer.Option(help="layer inputs: teacher or student (propagated)")] = "student",
     temperature: Annotated[float, typer.Option(help="logit KL temperature")] = 1.0,

@@ -1,6 +1,5 @@
 """Layer-by-layer calibration: one decoder layer at a time, its inputs propagated through the
-already-compressed layers before it (SparseGPT/GPTQ's sequential driver, without exceptions or
-per-model code).
+already-compressed layers before it (SparseGPT/GPTQ's sequential driver, without per-model code).
 
 1. The inputs of decoder layer 0 (embedding output, rotary cos/sin) are captured for all calibration
    sequences by swapping the layer list for a catcher for one forward of the embedding.

@@ -51,8 +51,10 @@ def test_recovery_reduces_kl_and_keeps_formats(teacher, quantizer, tmp_path):
 def test_recovery_of_single_formats(teacher, case):
     student = compressed_student(teacher, sparse=case == "sparse24", group_size=0 if case == "sparse24" else 64,
                                  symmetric=False)
-    # int4 alone is damaged less: smaller steps (the local phase on the teacher's inputs, layers independent)
-    gentle = {"local_lr": 3e-4, "lr": 3e-5} if case == "int4_asym" else {}
+    # int4 alone is damaged less: smaller steps (the local phase on the teacher's inputs, layers independent);
+    # on this random-weight model most of what 12 steps can recover is in the scales, so they learn at the
+    # weights' rate (the default, 0.03x, is what the real model's layers need)
+    gentle = {"local_lr": 3e-4, "lr": 3e-5, "scale_lr_mult": 1.0} if case == "int4_asym" else {}
     report = recover(student, teacher, tokens(8, 16), RecoverConfig(**FAST | gentle | {"local_inputs": "teacher"}))
     assert report["kl_after"] < 0.7 * report["kl_before"], report
     fmts = {m.weight_format for m in _compressed(student).values()}
