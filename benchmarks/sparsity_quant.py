@@ -352,7 +352,8 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    if any(ROWS[r][1] == "peer" for r in rows) and not Path(args.peer_python).exists():
+    supplied = set(args.reuse_json_rows.split(",")) if args.reuse_json else set()
+    if any(ROWS[r][1] == "peer" and r not in supplied for r in rows) and not Path(args.peer_python).exists():
         ap.error(f"{args.peer_python} does not exist; run `bash benchmarks/peer_setup.sh` first")
     _torch_threads(args.threads)
     cfg = settings(args)
