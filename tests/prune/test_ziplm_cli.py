@@ -26,6 +26,15 @@ def table_file(tiny_hf_dir, tmp_path_factory):
                 ffn_fractions=[1, 2 / 3, 1 / 3])
     path = tmp_path_factory.mktemp("table") / "table.json"
     save_table(t, path)
+    # one-sample timings of sub-millisecond blocks are noise (on a busy machine the head alone could outweigh
+    # a target's whole budget): the searches get deterministic times, proportional to the parameters
+    raw = json.loads(path.read_text())
+    for entry in raw["entries"].values():
+        for metric in ("prefill", "decode"):
+            for timing in entry[metric].values():
+                ms = 0.01 + 1e-5 * entry["params"]
+                timing |= {"median_ms": ms, "min_ms": ms, "max_ms": ms}
+    path.write_text(json.dumps(raw))
     return path
 
 
