@@ -59,6 +59,29 @@ def heldout_ppl(graph, stream, seq_len: int, max_windows) -> float:
     return perplexity(graph, stream, seq_len, max_windows)["perplexity"]
 
 
+def ziplm_rows(rows: list[dict], path: Path = RESULTS / "ziplm-distill.json") -> str:
+    """ZipLM's committed result at the same targets (its own benchmark and protocol), beside ours."""
+    import json
+
+    if not path.exists():
+        return "- ZipLM at the same speed: no ZipLM result in benchmarks/results yet\n"
+    z = json.loads(path.read_text())
+    dense, after = z["dense"]["perplexity"], {r["target"]: r for r in z.get("distill", [])}
+    lines = []
+    for r in rows:
+        t = float(r["target"].rstrip("x"))
+        zr = next((x for x in z["results"] if abs(x["target"] - t) < 1e-9), None)
+        if zr is None:
+            continue
+        zd = after.get(t, {}).get("ziplm", {})
+        lines.append(f"{r['target']}: Puzzle measured {r['measured']:.3f}x, ppl {r['ratio']:.3f}x dense; ZipLM "
+                     f"(commit {z['commit']}) predicted {zr['predicted']:.3f}x, measured {zr['measured']:.3f}x, "
+                     f"ppl {zr['perplexity'] / dense:.3f}x dense one-shot"
+                     + (f", {zd['perplexity'] / dense:.3f}x after {zd['tokens']:,} distillation tokens" if zd else ""))
+    return ("- ZipLM at the same targets (benchmarks/results/ziplm-distill.json: its own run, ppl ratios to its own "
+            "dense perplexity on 32 held-out windows):\n" + "".join(f"  - {x}\n" for x in lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="1.25,1.5", help="decode speed-ups to search for, comma-separated")
@@ -67,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--fresh", action="store_true", help="start from scratch instead of resuming the run folder")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: check the script end to end")
+    ap.add_argument("--name", default=None, help="results file name (default puzzle, or puzzle-smoke)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,8 +102,8 @@ def main(argv=None) -> int:
     from llmcompress.puzzle.score import block_of
     from llmcompress.stages.puzzle import SCORED
 
-    name = "puzzle-smoke" if args.smoke else "puzzle"
-    out = Path(args.output or ROOT / "runs" / f"bench-{name}")
+    name = args.name or ("puzzle-smoke" if args.smoke else "puzzle")
+    out = Path(args.output or ROOT / "runs" / ("bench-puzzle-smoke" if args.smoke else "bench-puzzle"))
     work = out / "puzzle"
     data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
     overrides = [f"output={out}", f"data.source={data}"] + [f"stages.{s}.workdir={work}" for s in PUZZLE]
@@ -166,8 +190,8 @@ def main(argv=None) -> int:
           f"per-round ratios); predicted from the cost table profiled in the run\n"
           f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; ppl_bld_*: "
           f"the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
-          f"- ZipLM at the same speed: not compared here yet (run its benchmark and set the two side by side)\n"
-          f"- reproduce: `python benchmarks/puzzle.py{' --smoke' if args.smoke else ''}`\n")
+          + ziplm_rows(rows) +
+          f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
     print(md)
     print(f"written {js} and {mdp}")

@@ -15,8 +15,12 @@ What one entry means (all timings are medians over `repeats` sweeps, with min/ma
   (weights + KV cache) to touch `working_set_mb`: by default as many bytes as the whole model's weights (what
   one decode step of it reads), capped at twice the last-level cache (CPU L3, GPU L2), beyond which more copies
   change nothing. Prefill reuses each weight b * prompt_len times and is compute-bound: it times one copy.
-- A sample is the time of one sweep (torch.cuda.synchronize before and after on CUDA) divided by its calls;
-  `warmup` sweeps run first, untimed. The clock is wall time, or on CPU optionally this process's CPU time
+- A sample is the time of one sweep (torch.cuda.synchronize before and after on CUDA) divided by its calls.
+  Every variant is built first, then timed interleaved: each of `warmup + repeats` rounds (the warm-up ones
+  untimed) runs every (variant, batch, prefill/decode) sweep once, so a machine whose speed drifts while it
+  profiles slows every entry alike (timed one after the other, SmolLM2's full-width FFN came out 43% slower
+  than its 87.5% one on a shared VM). Memory: all variants' copies at once, about (variants + 1) x
+  working_set_mb. The clock is wall time, or on CPU optionally this process's CPU time
   (`clock="process"`): with one torch thread that is the latency the sweep would have had without other
   programs competing for the cores, which makes tables reproducible on a shared machine.
   Weights are random: dense latency does not depend on their values.
@@ -234,24 +238,45 @@ def check_clock(clock: str, device: torch.device) -> Callable[[], float]:
     return CLOCKS[clock]
 
 
+class Sweep:
+    """One timed quantity: `calls` run back to back (sample = their time / len(calls)), `before` untimed ahead
+    of each run (e.g. to cut KV caches back to their starting length)."""
+
+    def __init__(self, calls: Sequence[Callable[[], object]], before: Callable[[], None] | None = None):
+        self.calls, self.before, self.samples = list(calls), before, []
+
+
+def run_sweeps(sweeps: Sequence[Sweep], repeats: int, warmup: int, device: torch.device, clock: str = "wall",
+               progress: Callable[[int, int], None] | None = None) -> list[Timing]:
+    """Time every sweep `repeats` times (after `warmup` untimed rounds), round-robin: each round runs every sweep
+    once, from a rotating start. A shared machine's speed drifts by tens of percent within minutes; timed one after
+    the other, whichever entries fell in a slow minute would look costlier than the rest, while interleaved every
+    entry's median sees the same mix of fast and slow minutes, so their ratios (what a search trades) hold."""
+    now = check_clock(clock, device)
+    n, rounds = len(sweeps), warmup + repeats
+    with torch.no_grad():
+        for i in range(rounds):
+            for j in range(n):
+                s = sweeps[(i + j) % n]
+                if s.before is not None:
+                    s.before()
+                _sync(device)
+                t0 = now()
+                for call in s.calls:
+                    call()
+                _sync(device)
+                if i >= warmup:
+                    s.samples.append((now() - t0) / len(s.calls))
+            if progress is not None:
+                progress(i + 1, rounds)
+    return [summarize(s.samples) for s in sweeps]
+
+
 def time_calls(calls: Sequence[Callable[[], object]], repeats: int, warmup: int, device: torch.device,
                before: Callable[[], None] | None = None, clock: str = "wall") -> Timing:
     """Per-call latency: each sweep runs every call once; sample = sweep time / len(calls).
     `before` runs untimed ahead of each sweep (e.g. to cut KV caches back to their starting length)."""
-    now = check_clock(clock, device)
-    samples = []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            if before is not None:
-                before()
-            _sync(device)
-            t0 = now()
-            for call in calls:
-                call()
-            _sync(device)
-            if i >= warmup:
-                samples.append((now() - t0) / len(calls))
-    return summarize(samples)
+    return run_sweeps([Sweep(calls, before)], repeats, warmup, device, clock)[0]
 
 
 def _rope(config: LlmcNasConfig, batch: int, start: int, length: int, device, dtype):
@@ -301,9 +326,10 @@ def head_model(config: LlmcNasConfig, device, dtype) -> ModelGraph:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int, batches: Sequence[int],
-                   prompt_len: int, context: int, repeats: int, warmup: int, working_set: float,
-                   device, dtype, clock: str) -> tuple[dict[int, Timing], dict[int, Timing]]:
+def _layer_sweeps(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int, batches: Sequence[int],
+                  prompt_len: int, context: int, working_set: float, device, dtype
+                  ) -> tuple[dict[int, Sweep], dict[int, Sweep]]:
+    """batch -> prefill sweep, batch -> decode sweep of one layer (the sweeps hold the layer's copies)."""
     D, hd = config.hidden_size, config.head_dim
     attn = getattr(layer, "self_attn", None)
     n_kv = getattr(attn, "num_kv_heads", 0)
@@ -314,9 +340,7 @@ def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int
     for b in batches:
         x = torch.randn(b, prompt_len, D, device=device, dtype=dtype)  # [B, L, D]
         cos, sin = _rope(config, b, 0, prompt_len, device, dtype)  # [B, L, hd]
-        prefill[b] = time_calls([lambda: layer(x, cos, sin, None, None)] * min_calls, repeats, warmup, device,
-                                clock=clock)
-        del x, cos, sin
+        prefill[b] = Sweep([lambda x=x, cos=cos, sin=sin: layer(x, cos, sin, None, None)] * min_calls)
 
         n = copies_for(weights + kv_per_token * b * (context + 1), working_set)
         copies += [copy.deepcopy(layer) for _ in range(n - len(copies))]
@@ -332,20 +356,20 @@ def _profile_layer(layer: DecoderLayer, config: LlmcNasConfig, kv_per_token: int
                 caches.append(DynamicCache())
                 caches[-1].update(k0, k0, 0)
 
-        def reset():  # back to `context` cached tokens before each sweep
+        def reset(caches=caches):  # back to `context` cached tokens before each sweep
             for c in caches:
                 if c is not None and c.get_seq_length() > context:
                     c.crop(context - c.get_seq_length())
 
-        calls = [(lambda m=m, c=c: m(x1, cos1, sin1, None, c)) for m, c in zip(copies[:n], caches)]
+        calls = [(lambda m=m, c=c, x1=x1, cos1=cos1, sin1=sin1: m(x1, cos1, sin1, None, c))
+                 for m, c in zip(copies[:n], caches)]
         calls = calls * math.ceil(min_calls / len(calls)) if n_kv == 0 else calls
-        decode[b] = time_calls(calls, repeats, warmup, device, reset, clock)
-        del caches, calls
+        decode[b] = Sweep(calls, reset)
     return prefill, decode
 
 
-def _profile_head(config: LlmcNasConfig, batches, prompt_len, repeats, warmup, working_set, device, dtype,
-                  clock: str) -> Entry:
+def _head_sweeps(config: LlmcNasConfig, batches, prompt_len, working_set, device, dtype
+                 ) -> tuple[ModelGraph, dict[int, Sweep], dict[int, Sweep]]:
     from transformers import DynamicCache
 
     head = head_model(config, device, dtype)
@@ -356,16 +380,15 @@ def _profile_head(config: LlmcNasConfig, batches, prompt_len, repeats, warmup, w
     prefill, decode = {}, {}
     for b in batches:
         ids = torch.randint(0, config.vocab_size, (b, prompt_len), generator=gen).to(device)  # [B, L]
-        prefill[b] = time_calls([lambda: head(ids)] * min_calls, repeats, warmup, device, clock=clock)
+        prefill[b] = Sweep([lambda ids=ids: head(ids)] * min_calls)
         tok = ids[:, :1]  # [B, 1]
 
-        def step(m, cache):  # the zero-layer model leaves its cache empty: reuse one per copy
+        def step(m, cache, tok=tok):  # the zero-layer model leaves its cache empty: reuse one per copy
             return m(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
         calls = [(lambda m=m, c=DynamicCache(): step(m, c)) for m in copies]
-        decode[b] = time_calls(calls * math.ceil(min_calls / len(calls)), repeats, warmup, device, clock=clock)
-    return Entry(part="head", variant=HEAD, format="dense", params=count_params(head), param_bytes=weights,
-                 prefill=prefill, decode=decode)
+        decode[b] = Sweep(calls * math.ceil(min_calls / len(calls)))
+    return head, prefill, decode
 
 
 def _unique(items):
@@ -408,10 +431,11 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
                   + [FFNConfig(kind="linear"), NOOP_FFN] + [b.ffn for b in present])
     jobs = [("attention", a, f) for a in att if a.kind != "noop" for f in formats] + \
            [("ffn", f, fmt) for f in ffn if f.kind != "noop" for fmt in formats] + [("empty", None, "none")]
-    entries, skipped = {}, {}
+    entries, skipped, built = {}, {}, []
     label = f"profiling {len(jobs) + 1} variants on {device_name(device)}"
-    for i, (part, variant, fmt) in enumerate(jobs):
-        progress(label, i, len(jobs) + 1)
+    ws = ws_mb * 2**20
+    for i, (part, variant, fmt) in enumerate(jobs):  # build every variant first: they are timed interleaved
+        progress(f"building {len(jobs) + 1} variants", i, len(jobs) + 1)
         block = BlockConfig(attention=variant if part == "attention" else NOOP_ATTENTION,
                             ffn=variant if part == "ffn" else NOOP_FFN)
         name = {"empty": lambda v: "noop", "attention": attention_variant, "ffn": ffn_variant}[part](variant)
@@ -421,17 +445,21 @@ def profile(graph: ModelGraph, batches: Sequence[int] = (1,), prompt_len: int = 
             skipped[entry_key(part, name, fmt)] = str(err)
             continue
         kv = kv_bytes_per_token(block.attention, cfg.head_dim, dtype)
-        prefill, decode = _profile_layer(layer, cfg, kv, batches, prompt_len, context, repeats, warmup,
-                                         ws_mb * 2**20, device, dtype, clock)
+        prefill, decode = _layer_sweeps(layer, cfg, kv, batches, prompt_len, context, ws, device, dtype)
         fields = dict(variant=name, format=fmt, params=count_params(layer), param_bytes=state_bytes(layer),
-                      kv_bytes_per_token=kv, prefill=prefill, decode=decode)
-        for p in (("attention", "ffn") if part == "empty" else (part,)):
-            entries[entry_key(p, name, fmt)] = Entry(part=p, **fields)
-        del layer
-    progress(label, len(jobs), len(jobs) + 1)
-    entries[entry_key("head", HEAD, "dense")] = _profile_head(cfg, batches, prompt_len, repeats, warmup,
-                                                               ws_mb * 2**20, device, dtype, clock)
-    progress(label, len(jobs) + 1, len(jobs) + 1)
+                      kv_bytes_per_token=kv)
+        built.append(((("attention", "ffn") if part == "empty" else (part,)), fields, prefill, decode))
+    head, head_prefill, head_decode = _head_sweeps(cfg, batches, prompt_len, ws, device, dtype)
+    built.append((("head",), dict(variant=HEAD, format="dense", params=count_params(head),
+                                  param_bytes=state_bytes(head)), head_prefill, head_decode))
+    sweeps = [sw for _, _, prefill, decode in built for d in (prefill, decode) for sw in d.values()]
+    run_sweeps(sweeps, repeats, warmup, device, clock, progress=lambda done, total: progress(label, done, total))
+    for parts, fields, prefill, decode in built:
+        timed = dict(prefill={b: summarize(sw.samples) for b, sw in prefill.items()},
+                     decode={b: summarize(sw.samples) for b, sw in decode.items()})
+        for p in parts:
+            entries[entry_key(p, fields["variant"], fields["format"])] = Entry(part=p, **fields, **timed)
+    del built, sweeps, head
     settings = ProfileSettings(
         model=model_name or str(getattr(graph, "source", "")), hidden_size=cfg.hidden_size, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, num_attention_heads=cfg.num_attention_heads,

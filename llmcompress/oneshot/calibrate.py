@@ -95,6 +95,10 @@ class _Catcher(nn.Module):
         self.inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x, cos, sin, mask, cache):
+        if self.inputs:  # batches of the same length share one rotary table instead of a copy each
+            _, prev_cos, prev_sin = self.inputs[-1]
+            if torch.equal(cos, prev_cos) and torch.equal(sin, prev_sin):
+                cos, sin = prev_cos, prev_sin
         self.inputs.append((x, cos, sin))
         return x
 
@@ -110,7 +114,14 @@ def first_layer_inputs(graph, tokens: torch.Tensor, batch_size: int, device) -> 
             model(batch.to(home))
     finally:
         model.layers = layers
-    return [tuple(t.to(device) for t in inp) for inp in catcher.inputs]
+    moved: dict[int, torch.Tensor] = {}  # a tensor shared by several batches is moved once
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
+    return [tuple(move(t) for t in inp) for inp in catcher.inputs]
 
 
 def linear_groups(block: nn.Module, true_sequential: bool = True) -> list[list[str]]:

@@ -30,6 +30,15 @@ def test_first_layer_inputs_and_halves_reproduce_the_model():
     assert isinstance(graph.model.layers[0], nn.Module) and len(graph.model.layers) == 2  # layers restored
 
 
+@torch.no_grad()
+def test_first_layer_inputs_share_one_rotary_table_across_equal_batches():
+    graph, toks = tiny_graph(), tokens()
+    inputs = first_layer_inputs(graph, toks, batch_size=2, device="cpu")  # 3 batches of 2
+    assert len(inputs) == 3
+    assert all(cos is inputs[0][1] and sin is inputs[0][2] for _, cos, sin in inputs)  # stored once
+    assert inputs[0][0] is not inputs[1][0]
+
+
 def test_linear_groups():
     layer = tiny_graph().model.layers[0]
     assert linear_groups(layer.self_attn) == [["q_proj", "k_proj", "v_proj"], ["o_proj"]]
