@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     prompt_len, gen_len, repeats = (32, 8, 1) if args.smoke else (512, 128, 5)
 
     rows, runs, t_start = [], [], time.perf_counter()
+    commit = git_commit()  # the code this process imported, not what the tree holds when it ends
     for i, target in enumerate(targets):
         recipe, base = load_recipe(RECIPE, overrides + [f"stages.puzzle_mip.target_speedup={target}"])
         t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     path_min = runs[0]["path_s"] / 60
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = {s.label: s.model_dump(exclude={"workdir", "name"}) for s in recipe.stages if s.label in PUZZLE}
-    report = {"benchmark": name, "commit": git_commit(), "machine": machine(), "wall_s": total,
+    report = {"benchmark": name, "commit": commit, "machine": machine(), "wall_s": total,
               "path_minutes_first_target": path_min, "peak_rss_mb": peak_mb, "overrides": overrides,
               "token_budgets": {"bld_tokens_per_block": cfg["puzzle_bld"]["tokens"],
                                 "gkd_tokens": cfg["gkd"]["tokens"]},

@@ -132,13 +132,44 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
     max_shared: float = Field(0.8, ge=0, le=1, description="a further solution shares at most this fraction of "
                               "layers' blocks with each earlier one")
     time_limit_s: float = Field(60.0, gt=0)
+    refine: int = Field(0, ge=0, description="target_speedup only: rounds of assembling the best solution, timing "
+                        "it against the parent on this device and searching again with the target rescaled by "
+                        "target / measured (the table misses what only the whole model shows)")
+    refine_tolerance: float = Field(0.03, ge=0, description="stop refining when measured is this close (relative)")
+    measure_rounds: int = Field(3, gt=0, description="alternating parent/model timing rounds per measurement")
 
     def run(self, graph, ctx: StageContext):
         lib = load_library(self.folder / SCORED)
-        result = search(lib, self.config_of(Budgets), self.backend, self.num_solutions, self.max_shared,
-                        self.time_limit_s)
+        budgets = self.config_of(Budgets)
+        result = search(lib, budgets, self.backend, self.num_solutions, self.max_shared, self.time_limit_s)
+        if self.refine and budgets.target_speedup is not None:
+            result = self._refine(graph, lib, budgets, result, ctx)
         _write_json(self.folder / SOLUTIONS, result)
         return graph, result
+
+    def _refine(self, graph, lib: dict, budgets: Budgets, result: dict, ctx: StageContext) -> dict:
+        """Measure the best solution's speed-up (paired with the parent) and search again with the requested
+        speed-up rescaled until the measured one is within refine_tolerance of the target (or rounds run out)."""
+        from llmcompress.hardware import measure_speedup
+
+        library, ct, target = BlockLibrary.load(self.folder / "library"), lib["cost_table"], budgets.target_speedup
+        rounds = []
+        for r in range(self.refine + 1):
+            ctx.progress("puzzle_mip: measuring the best solution", r, self.refine + 1)
+            best = result["solutions"][0]
+            model, _ = assemble(graph, library, [block_of(lib, n) for n in best["blocks"]], self.folder / "bld")
+            m = measure_speedup(graph, model, budgets.speedup_metric, batch=budgets.latency_batch,
+                                prompt_len=ct["prompt_len"], gen_len=ct["gen_len"], rounds=self.measure_rounds)
+            del model
+            rounds.append({"requested_speedup": budgets.target_speedup,
+                           "predicted_speedup": best["predicted_speedup"][budgets.speedup_metric],
+                           "measured_speedup": m["speedup"], "timing": m})
+            if abs(m["speedup"] / target - 1) <= self.refine_tolerance or r == self.refine:
+                break
+            budgets = budgets.model_copy(update={"target_speedup": budgets.target_speedup * target / m["speedup"]})
+            result = search(lib, budgets, self.backend, self.num_solutions, self.max_shared, self.time_limit_s)
+        return result | {"target_speedup": target, "refinement": rounds,
+                         "measured_speedup": rounds[-1]["measured_speedup"]}
 
 
 class GKDStage(_PuzzleStage, GKDConfig):

@@ -29,7 +29,7 @@ def tiny_overrides(tmp_path, model_dir, data_file) -> list[str]:
     return sets + [f"stages.{s}.workdir={work}" for s in PUZZLE]
 
 
-def test_recipe_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_hf_dir, corpus_file):
+def test_recipe_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_hf_dir, corpus_file, monkeypatch):
     recipe, base = load_recipe(RECIPE, tiny_overrides(tmp_path, tiny_hf_dir, corpus_file))
     result = run_recipe(recipe, base)
     by_type = {s.label: s for s in result.stages}
@@ -50,6 +50,23 @@ def test_recipe_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_hf_dir, corpus_f
                              + ["stages.puzzle_mip.target_speedup=1.1"])
     third = run_recipe(recipe2, base)
     assert [s.skipped for s in third.stages] == [True, True, True, True, False, False, False]
+
+    # refinement: the assembled best solution measures 1.0x of a requested 1.1x -> search again for 1.21x
+    measured = iter([1.0, 1.1])
+    calls = []
+
+    def fake_measure(reference, model, metric, batch, prompt_len, gen_len, rounds):
+        calls.append((metric, batch, prompt_len, gen_len, rounds, len(model.model.layers)))
+        return {"speedup": next(measured), "rounds": rounds}
+
+    monkeypatch.setattr("llmcompress.hardware.measure_speedup", fake_measure)
+    recipe3, _ = load_recipe(RECIPE, tiny_overrides(tmp_path, tiny_hf_dir, corpus_file)
+                             + ["stages.puzzle_mip.target_speedup=1.1", "stages.puzzle_mip.refine=3"])
+    mip = run_recipe(recipe3, base).stages[4].report
+    assert calls == [("decode", 1, 16, 4, 3, 4)] * 2  # the cost table's deployment; stops once within 3%
+    assert [round(r["requested_speedup"], 6) for r in mip["refinement"]] == [1.1, 1.21]
+    assert mip["target_speedup"] == 1.1 and mip["measured_speedup"] == 1.1
+    assert mip["solutions"][0]["predicted_speedup"]["decode"] >= 1.21 - 1e-9
 
 
 def test_search_cli(tmp_path, tiny_hf_dir, corpus_file, monkeypatch):
