@@ -176,3 +176,9 @@ def test_read_safetensors_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         read_safetensors(path)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + bytes(64))
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_safetensors(path)
+    path.write_bytes(bytes(range(200)))  # a header length far beyond the file
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_safetensors(path)

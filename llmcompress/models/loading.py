@@ -110,8 +110,14 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        try:
+            if n > path.stat().st_size - 8:
+                raise ValueError
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (ValueError, AttributeError):
+            raise ValueError(f"{path} is not a safetensors file (its header does not parse); re-save the "
+                             "checkpoint") from None
         if any(info["dtype"] not in _ST_DTYPES for info in header.values()):
             return load_file(str(path))
         out = {}
