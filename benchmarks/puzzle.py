@@ -121,6 +121,43 @@ def main(argv=None) -> int:
 
     rows, runs, t_start = [], [], time.perf_counter()
     commit = git_commit()  # the code this process imported, not what the tree holds when it ends
+
+    def report_out() -> tuple[str, Path, Path]:
+        """Write the results of the targets done so far (after each one: a stopped run keeps them)."""
+        total = time.perf_counter() - t_start
+        path_min = runs[0]["path_s"] / 60
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cfg = {s.label: s.model_dump(exclude={"workdir", "name"}) for s in recipe.stages if s.label in PUZZLE}
+        report = {"benchmark": name, "commit": commit, "machine": machine(), "wall_s": total,
+                  "path_minutes_first_target": path_min, "peak_rss_mb": peak_mb, "overrides": overrides,
+                  "token_budgets": {"bld_tokens_per_block": cfg["puzzle_bld"]["tokens"],
+                                    "gkd_tokens": cfg["gkd"]["tokens"]},
+                  "stages": cfg, "rows": rows, "runs": runs}
+        m = report["machine"]
+        cols = ["target", "searched", "predicted", "measured", "pred_err_%", "params", "ppl_dense", "ppl_gkd", "ratio",
+                "ratio_target", "ok", "ppl_bld_mip", "ppl_bld_greedy", "measured_greedy", "ppl_bld_uniform", "measured_uniform"]
+        bld, score, gkd = cfg["puzzle_bld"], cfg["puzzle_score"], cfg["gkd"]
+        md = (f"# Puzzle on SmolLM2-135M{' (SMOKE: tiny budgets, numbers mean nothing)' if args.smoke else ''}\n\n"
+              f"commit {report['commit']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}; whole benchmark "
+              f"{total / 60:.1f} min, peak RSS {peak_mb:,.0f} MiB\n\n"
+              + markdown_table(rows, cols) + "\n\n"
+              f"- path (library, BLD, scoring incl. profiling, MIP, GKD) for the first target: {path_min:.1f} min "
+              f"(target <= {PATH_MINUTES:g} min); later targets reuse library, BLD and scores: "
+              + ", ".join(f"{r['target']:g}x {r['path_s'] / 60:.1f} min recorded" for r in runs) + "\n"
+              f"- token budgets: BLD {bld['tokens']:,} tokens per block ({bld['num_samples']} windows captured), "
+              f"GKD {gkd['tokens']:,} tokens; scoring on {score['num_samples']} held-out calibration windows "
+              f"(last {score['positions']} positions)\n"
+              f"- speed-ups: decode step at batch 1 after a {prompt_len}-token prompt, mean over {gen_len} greedy tokens "
+              f"(`measure_speedup`: parent and model timed back to back in {repeats} alternating rounds, median of the "
+              f"per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up the "
+              f"final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
+              f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; ppl_bld_*: "
+              f"the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
+              + ziplm_rows(rows) +
+              f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
+        js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
+        return md, js, mdp
+
     for i, target in enumerate(targets):
         recipe, base = load_recipe(RECIPE, overrides + [f"stages.puzzle_mip.target_speedup={target}"])
         t0 = time.perf_counter()
@@ -173,39 +210,9 @@ def main(argv=None) -> int:
         })
         runs[-1] |= {"baselines": baselines, "speed": speed}
         del parent
+        md, js, mdp = report_out()
+        print(f"{target:g}x done: written {js}", file=sys.stderr)
 
-    total = time.perf_counter() - t_start
-    path_min = runs[0]["path_s"] / 60
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cfg = {s.label: s.model_dump(exclude={"workdir", "name"}) for s in recipe.stages if s.label in PUZZLE}
-    report = {"benchmark": name, "commit": commit, "machine": machine(), "wall_s": total,
-              "path_minutes_first_target": path_min, "peak_rss_mb": peak_mb, "overrides": overrides,
-              "token_budgets": {"bld_tokens_per_block": cfg["puzzle_bld"]["tokens"],
-                                "gkd_tokens": cfg["gkd"]["tokens"]},
-              "stages": cfg, "rows": rows, "runs": runs}
-    m = report["machine"]
-    cols = ["target", "searched", "predicted", "measured", "pred_err_%", "params", "ppl_dense", "ppl_gkd", "ratio", "ratio_target",
-            "ok", "ppl_bld_mip", "ppl_bld_greedy", "measured_greedy", "ppl_bld_uniform", "measured_uniform"]
-    bld, score, gkd = cfg["puzzle_bld"], cfg["puzzle_score"], cfg["gkd"]
-    md = (f"# Puzzle on SmolLM2-135M{' (SMOKE: tiny budgets, numbers mean nothing)' if args.smoke else ''}\n\n"
-          f"commit {report['commit']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}; whole benchmark "
-          f"{total / 60:.1f} min, peak RSS {peak_mb:,.0f} MiB\n\n"
-          + markdown_table(rows, cols) + "\n\n"
-          f"- path (library, BLD, scoring incl. profiling, MIP, GKD) for the first target: {path_min:.1f} min "
-          f"(target <= {PATH_MINUTES:g} min); later targets reuse library, BLD and scores: "
-          + ", ".join(f"{r['target']:g}x {r['path_s'] / 60:.1f} min recorded" for r in runs) + "\n"
-          f"- token budgets: BLD {bld['tokens']:,} tokens per block ({bld['num_samples']} windows captured), "
-          f"GKD {gkd['tokens']:,} tokens; scoring on {score['num_samples']} held-out calibration windows "
-          f"(last {score['positions']} positions)\n"
-          f"- speed-ups: decode step at batch 1 after a {prompt_len}-token prompt, mean over {gen_len} greedy tokens "
-          f"(`measure_speedup`: parent and model timed back to back in {repeats} alternating rounds, median of the "
-          f"per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up the "
-          f"final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
-          f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; ppl_bld_*: "
-          f"the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
-          + ziplm_rows(rows) +
-          f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
     print(md)
     print(f"written {js} and {mdp}")
     return 0

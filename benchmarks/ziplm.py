@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
+    ap.add_argument("--distill-models", default="ziplm,uniform",
+                    help="which models of a target to distill: ziplm, uniform or both (a long budget for ZipLM "
+                         "alone fits one session; the comparison with uniform can use a shorter one)")
     ap.add_argument("--gradual-tokens", type=int, default=0,
                     help="also run gradual mode (targets in sequence, distilled from dense after each) with this "
                          "many distillation tokens per target (0: skip)")
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     dense = {"params": count_params(graph), "perplexity": ppl(graph),
              "latency_ms": measure_latency(graph, cfg.metric, cfg.batch, table)}
     other = "prefill" if cfg.metric == "decode" else "decode"
+    dense_other = measure_latency(graph, other, cfg.batch, table)  # reported beside the dense latency
     results = []
     for row in rows:
         uni = row["uniform"]
@@ -138,10 +142,15 @@ def main(argv=None) -> int:
             lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
                           "per-layer hidden cosine + logit KL):", "",
                       "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
+            def cell(e, key):
+                return "not run" if e[key] is None else f"{e[key]['perplexity']:.2f} ({e[key]['perplexity'] / d:.2f}x)"
+
+            def minutes(e, key):
+                return "-" if e[key] is None else f"{e[key]['seconds'] / 60:.1f}"
+
             for e in distill:
-                lines.append(f"| {e['target']:g}x | {e['ziplm']['perplexity']:.2f} ({e['ziplm']['perplexity'] / d:.2f}x) "
-                             f"| {e['uniform']['perplexity']:.2f} ({e['uniform']['perplexity'] / d:.2f}x) | "
-                             f"{e['ziplm']['seconds'] / 60:.1f} / {e['uniform']['seconds'] / 60:.1f} |")
+                lines.append(f"| {e['target']:g}x | {cell(e, 'ziplm')} | {cell(e, 'uniform')} | "
+                             f"{minutes(e, 'ziplm')} / {minutes(e, 'uniform')} |")
         if gradual:
             lines += ["", f"Gradual mode ({args.gradual_tokens:,} distillation tokens after each target, normalised "
                           "hidden MSE + logit KL from the dense model; each target pruned from the previous one):", "",
@@ -170,6 +179,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.train_threads or args.threads)
         from llmcompress.puzzle.gkd import GKDConfig, train_gkd
 
+        which = {m.strip() for m in args.distill_models.split(",")}
+        if not which or which - {"ziplm", "uniform"}:
+            raise SystemExit(f"--distill-models {args.distill_models!r}: name ziplm, uniform or both")
         gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0)
         train = corpus.train_batches(8 if args.smoke else max(256, -(-args.distill_tokens // seq_len)), seq_len)
         for target in [float(s) for s in args.distill_targets.split(",")]:
@@ -179,6 +191,9 @@ def main(argv=None) -> int:
             r, zmodel, umodel = match[0]
             entry = {"target": target}
             for name, model in (("ziplm", zmodel), ("uniform", umodel)):
+                if name not in which:
+                    entry[name] = None
+                    continue
                 t0 = time.perf_counter()
                 rep = train_gkd(graph, model, train, gcfg, folder=work / f"gkd-{name}-{target:g}")
                 entry[name] = {"perplexity": ppl(model), "seconds": time.perf_counter() - t0,
