@@ -62,7 +62,8 @@ def test_recipe_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_hf_dir, corpus_f
 
     monkeypatch.setattr("llmcompress.hardware.measure_speedup", fake_measure)
     recipe3, _ = load_recipe(RECIPE, tiny_overrides(tmp_path, tiny_hf_dir, corpus_file)
-                             + ["stages.puzzle_mip.target_speedup=1.1", "stages.puzzle_mip.refine=3"])
+                             + ["stages.puzzle_mip.target_speedup=1.1", "stages.puzzle_mip.refine=3",
+                                "stages.puzzle_mip.measure_rounds=3"])
     mip = run_recipe(recipe3, base).stages[4].report
     assert calls == [("decode", 1, 16, 4, 3, 4)] * 2  # the cost table's deployment; stops once within 3%
     assert [round(r["requested_speedup"], 6) for r in mip["refinement"]] == [1.1, 1.21]
