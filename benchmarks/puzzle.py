@@ -134,8 +134,9 @@ def main(argv=None) -> int:
                                     "gkd_tokens": cfg["gkd"]["tokens"]},
                   "stages": cfg, "rows": rows, "runs": runs}
         m = report["machine"]
-        cols = ["target", "searched", "predicted", "measured", "pred_err_%", "params", "ppl_dense", "ppl_gkd", "ratio",
-                "ratio_target", "ok", "ppl_bld_mip", "ppl_bld_greedy", "measured_greedy", "ppl_bld_uniform", "measured_uniform"]
+        cols = ["target", "searched", "predicted", "measured", "pred_err_%", "params", "ppl_dense", "ppl_gkd",
+                "ratio", "ratio_target", "ok", "ppl_bld_mip", "ppl_bld_greedy", "measured_greedy", "ppl_bld_uniform",
+                "measured_uniform"]
         bld, score, gkd = cfg["puzzle_bld"], cfg["puzzle_score"], cfg["gkd"]
         md = (f"# Puzzle on SmolLM2-135M{' (SMOKE: tiny budgets, numbers mean nothing)' if args.smoke else ''}\n\n"
               f"commit {report['commit']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}; whole benchmark "

@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"))
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script end to end")
     args = ap.parse_args(argv)
+    which = {m.strip() for m in args.distill_models.split(",")}
+    if which - {"ziplm", "uniform"}:  # checked before the one-shot phase, not after its half hour
+        ap.error(f"--distill-models {args.distill_models!r}: name ziplm, uniform or ziplm,uniform")
     torch.set_num_threads(args.threads)
 
     from llmcompress.data import Corpus, DataConfig
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
             lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
                           "per-layer hidden cosine + logit KL):", "",
                       "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
+
             def cell(e, key):
                 return "not run" if e[key] is None else f"{e[key]['perplexity']:.2f} ({e[key]['perplexity'] / d:.2f}x)"
 
@@ -179,9 +183,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.train_threads or args.threads)
         from llmcompress.puzzle.gkd import GKDConfig, train_gkd
 
-        which = {m.strip() for m in args.distill_models.split(",")}
-        if not which or which - {"ziplm", "uniform"}:
-            raise SystemExit(f"--distill-models {args.distill_models!r}: name ziplm, uniform or both")
         gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0)
         train = corpus.train_batches(8 if args.smoke else max(256, -(-args.distill_tokens // seq_len)), seq_len)
         for target in [float(s) for s in args.distill_targets.split(",")]:
