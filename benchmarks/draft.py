@@ -9,6 +9,12 @@ speed-up over target-only greedy decoding, and whether the output is identical t
 Writes benchmarks/results/draft.{json,md}.
 
     python benchmarks/draft.py [--steps 150] [--config fkl/target/offline --config tvd/on-policy/online ...]
+
+Training on a lent GPU, measuring here (the speed-ups are this CPU's): `--train-device cuda --export DIR` trains
+the one --config there (--train-seconds: wall-clock budget) and writes the draft's trained tensors (its layers
+and final norm in float16, shards under 16 MB; the embeddings/LM head stay the target's), the ids its training
+continuations used and the training report to DIR, without measuring anything; `--trained DIR` then measures
+that draft here in place of training it (benchmarks/draft_gpu.sh runs the GPU half).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import sys
 import time
@@ -29,16 +36,123 @@ import torch  # noqa: E402
 DEFAULT_CONFIGS = ["fkl/target/offline", "tvd/target/offline", "fkl/on-policy/online"]
 
 
+def train_one(args, spec: str, target, start, train: torch.Tensor, prompts: list, work: Path):
+    """Distil a copy of `start` under `spec` (DIVERGENCE/DATA/online|offline). -> (draft, training, id counts)"""
+    from llmcompress.speculative.train import DistillConfig, train_draft
+
+    div, data, mode = spec.split("/")
+    device = next(target.parameters()).device
+    steps = None if args.train_seconds and not args.steps else args.steps
+    every = args.eval_every or max((steps or 400) // 4, 1)
+    cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=0 if data == "target"
+                        else 1.0, prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
+                        batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, lr=args.lr, steps=steps,
+                        seconds=args.train_seconds,
+                        eval_every=every, eval_prompts=4, eval_new_tokens=48, eval_gamma=3,
+                        checkpoint_every=every, freeze_embeddings=True)
+    draft = copy.deepcopy(start).to(device)
+    t0 = time.perf_counter()
+    rep = train_draft(target, draft, train, prompts[:4], cfg, work / spec.replace("/", "_").replace(":", "-"))
+    seconds = time.perf_counter() - t0
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    training = {"config": cfg.model_dump(), "steps": rep["steps"], "tokens": rep["tokens"], "seconds": seconds,
+                "device": dev_name, "train_prompts": len(train), "acceptance_during_training": rep["acceptance"],
+                "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]}
+    return draft, training, rep["continuation_counts"]
+
+
+SHARD_BYTES = 15 * 2**20  # files coming back from a lent machine must stay under 16 MB each
+
+
+def trained_tensors(draft) -> dict[str, torch.Tensor]:
+    """What training changed: every tensor but the (frozen, target-shared) embedding and LM head."""
+    skip = {id(draft.get_input_embeddings().weight), id(draft.get_output_embeddings().weight)}
+    return {k: v for k, v in draft.state_dict().items() if id(v) not in skip and "embed_tokens" not in k
+            and not k.startswith("lm_head")}
+
+
+def export_draft(out: Path, draft, counts: torch.Tensor, info: dict) -> None:
+    """Trained tensors as float16 safetensors shards (< 16 MB each), id counts and the report into `out`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in trained_tensors(draft).items()}
+    shards, size = [{}], 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    for i, shard in enumerate(shards):
+        save_file(shard, str(out / f"draft-{i:02d}.safetensors"))
+    save_file({"counts": counts.cpu()}, str(out / "counts.safetensors"))
+    (out / "export.json").write_text(json.dumps(info | {"shards": len(shards), "tensors": len(tensors)}, indent=1,
+                                                default=str))
+
+
+def import_draft(folder: Path, start, spec: str):
+    """The draft `export_draft` wrote: a copy of `start` with the trained tensors. -> (draft, training, counts)"""
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / "export.json").read_text())
+    if info["spec"] != spec:
+        raise SystemExit(f"{folder} holds a {info['spec']} draft, not {spec}")
+    draft = copy.deepcopy(start)
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("draft-*.safetensors")):
+        loaded |= load_file(str(shard))
+    want = trained_tensors(draft)
+    if set(loaded) != set(want) or any(loaded[k].shape != want[k].shape for k in want):
+        raise SystemExit(f"{folder}: the exported tensors do not fit a {len(draft.model.layers)}-layer draft of "
+                         "this target (another --init or target?)")
+    with torch.no_grad():
+        for k, v in want.items():
+            v.copy_(loaded[k].to(v.dtype))
+    training = info["training"] | {"exported_as": "float16"}
+    return draft.eval(), training, load_file(str(folder / "counts.safetensors"))["counts"]
+
+
+def training_line(args, results: list[dict]) -> str:
+    trained = [r["training"] for r in results if r["training"]]
+    if not trained:
+        return "- training: none"
+    t = trained[0]
+    c = t["config"]
+    budget = f"{t['steps']} steps of batch {c['batch_size']}"
+    if c.get("seconds"):
+        budget += f" in a {c['seconds'] / 60:.0f}-minute wall-clock budget"
+    where = t.get("device", "cpu")
+    return (f"- training: lr {c['lr']}, {budget}, {t.get('train_prompts', '?')} training prompts of "
+            f"{c['prompt_tokens']} tokens + {c['new_tokens']} continuation tokens, embeddings/LM head frozen; "
+            "target data = the target's greedy continuations (offline: top-64 log-probs cached once; online: "
+            f"target inside each step); trained on {where}"
+            + (", TF32 matmuls, the trained tensors brought here in float16" if where != "cpu" else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--init", default="layers:6")
     ap.add_argument("--config", action="append", default=None,
                     help="DIVERGENCE/DATA/online|offline, e.g. jsd:0.5/mixture/online (repeatable)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per distilled draft")
+    ap.add_argument("--steps", type=int, default=150,
+                    help="training steps per distilled draft (0 with --train-seconds: the clock alone)")
+    ap.add_argument("--gen-batch-size", type=int, default=None,
+                    help="prompts per generate call when making the target's greedy continuations (GPU: 512)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--train-prompts", type=int, default=512)
     ap.add_argument("--train-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts-per-doc", type=int, default=1,
+                    help="training prompts framed from each training document's consecutive pieces")
+    ap.add_argument("--train-seconds", type=float, default=None, help="wall-clock training budget per draft")
+    ap.add_argument("--train-device", default="cpu", help="where drafts are trained (cuda: with --export)")
+    ap.add_argument("--export", default=None, help="train the one --config, write its trained tensors here, "
+                                                   "measure nothing")
+    ap.add_argument("--trained", default=None, help="measure the draft that --export wrote to this folder "
+                                                    "instead of training the one --config")
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between acceptance logs (default steps/4)")
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--eval-prompts", type=int, default=8)
@@ -57,20 +171,29 @@ def main(argv=None) -> int:
     from llmcompress.models import load
     from llmcompress.speculative.draft_init import init_draft
     from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts
-    from llmcompress.speculative.train import DistillConfig, train_draft
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids
 
     configs = args.config or DEFAULT_CONFIGS
+    if (args.export or args.trained) and len(configs) != 1:
+        ap.error("--export and --trained take exactly one --config")
+    if args.export and args.trained:
+        ap.error("--export trains a draft, --trained measures one: give one of them")
+    if args.train_device != "cpu" and not args.export:
+        ap.error(f"--train-device {args.train_device} needs --export: speed is measured on this CPU")
     if args.smoke:
         args.steps, args.train_prompts, args.eval_prompts, args.new_tokens = 4, 16, 2, 16
         configs = configs[:2]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    target = load(args.target)
+    target = load(args.target, device=args.train_device if args.export else "cpu")
+    if args.train_device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # training only; the measured drafts run in fp32 on the CPU
     tok = target.tokenizer
-    rows = [json.loads(line)["text"] for line in open(ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl")]
-    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens)  # [N, P]
+    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
+    rows = [json.loads(line)["text"] for line in open(data_file)]
+    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
+                                per_doc=args.prompts_per_doc)  # [N, P]
     held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
     prompts = [p[None] for p in held]
     gammas = [int(g) for g in args.gammas.split(",")]
@@ -86,24 +209,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.train_threads)
     start = init_draft(target, args.init)
+    if args.export:
+        spec = configs[0]
+        draft, training, counts = train_one(args, spec, target, start, train, prompts, work)
+        export_draft(Path(args.export), draft, counts, {"spec": spec, "training": training, "settings": vars(args),
+                                                        "commit": git_commit(), "machine": machine()})
+        print(f"trained {spec}: {training['steps']} steps, {training['tokens']:,} tokens, "
+              f"{training['seconds']:.0f} s on {training['device']}; written to {args.export}")
+        return 0
     results = [{"draft": f"{args.init} undistilled", "training": None, "eval": measure(start)}]
     for spec in configs:
-        div, data, mode = spec.split("/")
-        cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=0 if data == "target"
-                            else 1.0, prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
-                            batch_size=args.batch_size, lr=args.lr, steps=args.steps,
-                            eval_every=max(args.steps // 4, 1), eval_prompts=4, eval_new_tokens=48, eval_gamma=3,
-                            checkpoint_every=max(args.steps // 4, 1), freeze_embeddings=True)
-        draft = copy.deepcopy(start)
-        t0 = time.perf_counter()
-        rep = train_draft(target, draft, train, prompts[:4], cfg, work / spec.replace("/", "_").replace(":", "-"))
-        seconds = time.perf_counter() - t0
-        training = {"config": cfg.model_dump(), "steps": rep["steps"], "tokens": rep["tokens"], "seconds": seconds,
-                    "acceptance_during_training": rep["acceptance"], "loss_first": rep["loss_first"],
-                    "loss_last": rep["loss_last"]}
+        if args.trained:
+            draft, training, counts = import_draft(Path(args.trained), start, spec)
+        else:
+            draft, training, counts = train_one(args, spec, target, start, train, prompts, work)
         results.append({"draft": f"{args.init} {spec}", "training": training, "eval": measure(draft)})
         for k in [int(v) for v in args.draft_vocab.split(",") if v.strip()]:
-            keep = frequent_tokens(rep["continuation_counts"], k, special_ids(tok))
+            keep = frequent_tokens(counts, k, special_ids(tok))
             small = restrict_vocab(copy.deepcopy(draft), keep)
             results.append({"draft": f"{args.init} {spec} vocab {k}", "training": training, "eval": measure(small)})
 
@@ -122,7 +244,8 @@ def main(argv=None) -> int:
              "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in results:
         t = r["training"]
-        train_s = "-" if t is None else f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
+        train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
+                                         + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
         for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
             lines.append(f"| {r['draft']} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | {row['tau']:.2f} | "
                          f"{row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
@@ -135,9 +258,7 @@ def main(argv=None) -> int:
         hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in r["training"]["acceptance_during_training"])
         lines.append(f"- {r['draft']}: {hist}")
     lines += ["", f"- protocol: {base['protocol']}",
-              f"- training: lr {args.lr}, batch {args.batch_size}, prompts of {args.prompt_tokens} tokens + "
-              f"{args.train_new_tokens} continuation tokens, embeddings/LM head frozen; target data = the target's "
-              "greedy continuations (offline: top-64 log-probs cached once; online: target inside each step)",
+              training_line(args, results),
               "- vocab N: the same draft with its LM head restricted to the N ids most frequent in its training "
               "continuations (plus special tokens); q is zero elsewhere, decoding stays lossless",
               "- reproduce: `python benchmarks/draft.py " + " ".join(argv or sys.argv[1:]) + "`"]

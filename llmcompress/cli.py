@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,9 +55,9 @@ def progress_bar():
         tasks: dict[str, int] = {}
 
         def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
+            if label not in tasks:  # total 0: not known in advance (a time budget): an open-ended bar
+                tasks[label] = bar.add_task(label, total=total or None)
+            bar.update(tasks[label], completed=done, total=total or None)
 
         yield update
 
@@ -234,7 +233,11 @@ def draft(
     steps: Annotated[Optional[int], typer.Option(help="training steps (budget)")] = 200,
     tokens: Annotated[Optional[int], typer.Option(help="continuation tokens (budget; with --steps, whichever first)")]
     = None,
+    seconds: Annotated[Optional[float], typer.Option(help="wall-clock training time of this run (budget; with "
+                                                          "--steps/--tokens, whichever first)")] = None,
     batch_size: int = 4,
+    gen_batch_size: Annotated[Optional[int], typer.Option(help="--data target, greedy: prompts per generate call "
+                                                               "(larger: fewer, fuller calls)")] = None,
     lr: float = 5e-5,
     prompt_tokens: int = 32,
     new_tokens: Annotated[int, typer.Option(help="continuation tokens per sequence")] = 64,
@@ -269,7 +272,8 @@ def draft(
         if data not in ("fixed", "target", "on-policy", "mixture"):
             raise UserError(f"--data {data!r} is not one of fixed, target, on-policy, mixture")
         cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, online=online, steps=steps,
-                            tokens=tokens, batch_size=batch_size, lr=lr, prompt_tokens=prompt_tokens,
+                            tokens=tokens, seconds=seconds, batch_size=batch_size,
+                            gen_batch_size=gen_batch_size, lr=lr, prompt_tokens=prompt_tokens,
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
                             eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens,
                             draft_vocab=draft_vocab)

@@ -68,10 +68,13 @@ def prompts_from_texts(tokenizer, texts: list[str], n: int, max_tokens: int) -> 
 
 
 def instruction_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int,
-                        instruction: str = "Summarise: ") -> torch.Tensor:
+                        instruction: str = "Summarise: ", per_doc: int = 1) -> torch.Tensor:
     """Chat prompts asking `instruction` + document, each exactly `prompt_tokens` tokens long: the chat
-    template's tokens around the document's first tokens (documents too short are skipped).
+    template's tokens around the document's first tokens (documents too short are skipped). per_doc > 1
+    also frames the document's next consecutive pieces of the same length (more distinct training prompts).
     -> [min(n, usable), prompt_tokens]"""
+    if per_doc < 1:
+        raise ValueError(f"per_doc={per_doc} must be >= 1")
     mark = "\u2063DOCUMENT\u2063"
     text = tokenizer.apply_chat_template([{"role": "user", "content": instruction + mark}],
                                          add_generation_prompt=True, tokenize=False)
@@ -82,7 +85,12 @@ def instruction_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int,
     if room < 16:
         raise ValueError(f"prompt_tokens={prompt_tokens} leaves {room} tokens for the document: the chat frame "
                          f"takes {len(head) + len(tail)}; use at least {len(head) + len(tail) + 16}")
-    rows = [head + ids[:room] + tail for ids in map(enc, texts) if len(ids) >= room][:n]
+    rows = []
+    for ids in map(enc, texts):
+        rows += [head + ids[j * room:(j + 1) * room] + tail for j in range(min(per_doc, len(ids) // room))]
+        if len(rows) >= n:
+            break
+    rows = rows[:n]
     if not rows:
         raise ValueError(f"no document has the {room} tokens that {prompt_tokens}-token prompts need; "
                          "lower prompt_tokens")

