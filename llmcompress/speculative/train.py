@@ -356,7 +356,8 @@ def _load_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt) -> dict
 def _run_identity(config: dict) -> dict:
     """The settings a checkpoint must share to be resumed (the budget and logging cadence may change)."""
     return {k: v for k, v in config.items()
-            if k not in ("steps", "tokens", "eval_every", "checkpoint_every", "draft_vocab")}
+            if k not in ("steps", "tokens", "seconds", "gen_batch_size", "eval_every", "checkpoint_every",
+                         "draft_vocab")}
 
 
 def _param_names(draft, proj) -> dict[str, torch.nn.Parameter]:

@@ -68,7 +68,9 @@ def test_resume_continues_the_same_run(tmp_path):
     _, draft_b, _, _ = _setup()
     train_draft(target, draft_b, windows, prompts, _cfg(steps=3, checkpoint_every=3), out=tmp_path)
     _, draft_c, _, _ = _setup()  # a fresh process: resumes at step 3 from the checkpoint, goes on to 6
-    report = train_draft(target, draft_c, windows, prompts, _cfg(steps=6, checkpoint_every=3), out=tmp_path)
+    # a time budget is a budget too: the resumed run may add one (and change generation batching)
+    report = train_draft(target, draft_c, windows, prompts, _cfg(steps=6, checkpoint_every=3, seconds=3600,
+                                                                gen_batch_size=8), out=tmp_path)
     assert report["steps"] == 6
     assert torch.equal(report["continuation_counts"], full["continuation_counts"])  # counts survive the resume
     for pa, pc in zip(draft_a.parameters(), draft_c.parameters()):
