@@ -1,16 +1,14 @@
 """ZipLM: structured OBS is the least-squares optimum, the DP is exact, the family meets its budgets."""
 
-import itertools
-
 import pytest
 import torch
 
 from llmcompress.models.graph import blocks
-from llmcompress.prune.database import (block_of, build_database, default_levels, load_database, part_costs,
-                                        part_errors, realise, realise_uniform)
+from llmcompress.prune.database import (block_of, build_database, default_levels, load_database, realise,
+                                        realise_uniform)
 from llmcompress.prune.search import KnapsackDP, brute_force
 from llmcompress.prune.ziplm import obs_levels, structure_errors
-from llmcompress.prune.ziplm_family import ZipLMConfig, layer_choice, prune_family
+from llmcompress.prune.ziplm_family import ZipLMConfig, prune_family
 
 
 def _problem(n=6, k=12, t=200, seed=0):
