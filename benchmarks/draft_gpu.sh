@@ -11,7 +11,7 @@
 #                                           with a tiny random model (a device bug shows here, not after minutes)
 #   bash benchmarks/draft_gpu.sh train      there (carry .gpu/b): join and check the GGUF, train for TRAIN_S
 #                                           seconds (default 420), write the trained draft to $OUT/draft
-# .gpu/ must be ignored (.git/info/exclude) so that only `carry` takes it along.
+# .gpu/ is git-ignored, so only `carry` takes it along.
 set -euo pipefail
 phase=${1:?usage: draft_gpu.sh pack|keep|train}
 KEEP=/root/keep
