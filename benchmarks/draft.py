@@ -66,9 +66,7 @@ SHARD_BYTES = 15 * 2**20  # files coming back from a lent machine must stay unde
 
 def trained_tensors(draft) -> dict[str, torch.Tensor]:
     """What training changed: every tensor but the (frozen, target-shared) embedding and LM head."""
-    skip = {id(draft.get_input_embeddings().weight), id(draft.get_output_embeddings().weight)}
-    return {k: v for k, v in draft.state_dict().items() if id(v) not in skip and "embed_tokens" not in k
-            and not k.startswith("lm_head")}
+    return {k: v for k, v in draft.state_dict().items() if "embed_tokens" not in k and not k.startswith("lm_head")}
 
 
 def export_draft(out: Path, draft, counts: torch.Tensor, info: dict) -> None:
@@ -98,14 +96,14 @@ def import_draft(folder: Path, start, spec: str):
 
     info = json.loads((folder / "export.json").read_text())
     if info["spec"] != spec:
-        raise SystemExit(f"{folder} holds a {info['spec']} draft, not {spec}")
+        raise ValueError(f"{folder} holds a {info['spec']} draft, not {spec}; pass --config {info['spec']}")
     draft = copy.deepcopy(start)
     loaded: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("draft-*.safetensors")):
         loaded |= load_file(str(shard))
     want = trained_tensors(draft)
     if set(loaded) != set(want) or any(loaded[k].shape != want[k].shape for k in want):
-        raise SystemExit(f"{folder}: the exported tensors do not fit a {len(draft.model.layers)}-layer draft of "
+        raise ValueError(f"{folder}: the exported tensors do not fit a {len(draft.model.layers)}-layer draft of "
                          "this target (another --init or target?)")
     with torch.no_grad():
         for k, v in want.items():
@@ -178,6 +176,8 @@ def main(argv=None) -> int:
         ap.error("--export and --trained take exactly one --config")
     if args.export and args.trained:
         ap.error("--export trains a draft, --trained measures one: give one of them")
+    if args.trained and not (Path(args.trained) / "export.json").is_file():
+        ap.error(f"--trained {args.trained}: no export.json there; give the folder that --export wrote")
     if args.train_device != "cpu" and not args.export:
         ap.error(f"--train-device {args.train_device} needs --export: speed is measured on this CPU")
     if args.smoke:
@@ -220,7 +220,10 @@ def main(argv=None) -> int:
     results = [{"draft": f"{args.init} undistilled", "training": None, "eval": measure(start)}]
     for spec in configs:
         if args.trained:
-            draft, training, counts = import_draft(Path(args.trained), start, spec)
+            try:
+                draft, training, counts = import_draft(Path(args.trained), start, spec)
+            except ValueError as e:
+                ap.error(str(e))
         else:
             draft, training, counts = train_one(args, spec, target, start, train, prompts, work)
         results.append({"draft": f"{args.init} {spec}", "training": training, "eval": measure(draft)})
