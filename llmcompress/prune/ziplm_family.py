@@ -139,14 +139,14 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
             meas = timing["speedup"] if timing is not None else None
             rounds.append({"budget_ms": budget, "predicted_speedup": pred, "measured_speedup": meas,
                            "error": sol.error, "timing": timing})
-            tried.append((budget, sol, choice, model, pred, timing, meas))
+            tried.append(dict(budget=budget, sol=sol, choice=choice, model=model, pred=pred, timing=timing, meas=meas))
             if meas is None or abs(meas / target - 1) <= cfg.refine_tolerance or r == cfg.refine:
                 break
             budget = budget * meas / target  # measured too slow -> tighter budget, and vice versa
         # keep the round measured closest to the target: a noisy timing can send a rescaled search further off
         # than the first solution was (seen: 1.382x for 1.25x, then 1.068x after rescaling)
-        best = min(range(len(tried)), key=lambda i: abs(tried[i][6] / target - 1) if tried[i][6] else 0.0)
-        budget, sol, choice, model, pred, timing, meas = tried[best]
+        best = min(range(len(tried)), key=lambda i: abs(tried[i]["meas"] / target - 1) if tried[i]["meas"] else 0.0)
+        budget, sol, choice, model, pred, timing, meas = tried[best].values()
         for i, row in enumerate(rounds):
             row["kept"] = i == best
         if cfg.sequential and tokens is not None:
