@@ -136,29 +136,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that reads the weight once when only a few rows come in: [..., K] @ [N, K]^T -> [..., N].
-
-    Speculative verification scores gamma + 1 tokens in one forward. On CPU, MKL's sgemm for 2..8 rows costs
-    up to 2-4x the one-row GEMV (single thread, measured: the 49152x576 LM head 13 ms for 1 row, 30-53 ms for
-    2-4; a 1536x576 FFN projection 0.35 ms for 1 row, 0.62 ms for 2-4), while W @ x^T streams the weight once
-    (15-18 ms and 0.39-0.47 ms). One row, longer inputs and other devices keep F.linear."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type != "cpu" or not 2 <= rows <= 8:
-        return F.linear(x, weight, bias)
-    y = (weight @ x.reshape(rows, -1).T).T  # [rows, N]
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by `rows_linear` (same parameters and state dict; hooks and subclass checks hold)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rows_linear(x, self.weight, self.bias)
-
-
 class Attention(nn.Module):
     """GQA attention with its own head counts. `cache_idx` is this layer's slot in the KV cache."""
 
@@ -167,10 +144,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, config.head_dim
         self.cache_idx = cache_idx
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = Linear(d, num_heads * hd, bias=bias)
-        self.k_proj = Linear(d, num_kv_heads * hd, bias=bias)
-        self.v_proj = Linear(d, num_kv_heads * hd, bias=bias)
-        self.o_proj = Linear(num_heads * hd, d, bias=False)
+        self.q_proj = nn.Linear(d, num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(num_heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: Cache | None):
         # x: [B, S, D]; cos, sin: [B, S, hd]; mask: None (causal) or bool [B, 1, S, S_total]
@@ -199,7 +176,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, config: LlmcNasConfig):
         super().__init__()
-        self.linear_attn = Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):
         return self.linear_attn(x)
@@ -209,9 +186,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlmcNasConfig, intermediate_size: int):
         super().__init__()
         d, bias = config.hidden_size, config.mlp_bias
-        self.gate_proj = Linear(d, intermediate_size, bias=bias)
-        self.up_proj = Linear(d, intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, d, bias=bias)
+        self.gate_proj = nn.Linear(d, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(d, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, d, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -220,7 +197,7 @@ class MLP(nn.Module):
 class LinearMLP(nn.Module):
     def __init__(self, config: LlmcNasConfig):
         super().__init__()
-        self.linear_mlp = Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.linear_mlp(x)
@@ -335,6 +312,21 @@ def _output(**fields):
     return CausalLMOutputWithPast(**fields)
 
 
+def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a vocabulary-sized weight: [..., D] @ [V, D]^T -> [..., V].
+
+    On CPU, a product of 2..8 rows with a large [V, D] weight (speculative verification scores gamma + 1
+    tokens) costs MKL's sgemm 2.3-4x the one-row GEMV (49152 x 576, measured: 13 ms for 1 row, 30-53 ms for
+    2-4), while W @ x^T reads the weight once (13-16 ms). One row and longer inputs keep F.linear."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or not 2 <= rows <= 8 or weight.shape[0] < 4096:
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).T).T  # [rows, V]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class DeciLMForCausalLM(LlmcNasPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -361,9 +353,9 @@ class DeciLMForCausalLM(LlmcNasPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         head = self.lm_head
-        if type(head) is nn.Linear:  # tied to the embedding: plain nn.Linear, computed like `Linear`
-            logits = rows_linear(x, head.weight, head.bias)  # [B, S, V]
-        else:  # a `Linear` or a replaced head (a draft's SubsetHead)
+        if type(head) is nn.Linear:
+            logits = head_linear(x, head.weight, head.bias)  # [B, S, V]
+        else:  # a replaced head (a draft's SubsetHead)
             logits = head(x)
         loss = None
         if labels is not None:

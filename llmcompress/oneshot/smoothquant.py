@@ -41,7 +41,7 @@ def smooth_layer(layer: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
     done = []
     for producer, how, names in smoothing_map(layer):
         linears = [layer.get_submodule(n) for n in names]
-        if not all(isinstance(m, nn.Linear) for m in linears + ([producer] if how == "rows" else [])):
+        if not all(type(m) is nn.Linear for m in linears + ([producer] if how == "rows" else [])):
             continue  # already compressed: nothing to fold into
         s = smoothing_scales(absmax[names[0]], [m.weight for m in linears], alpha)
         for m in linears:

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from llmcompress.models.modeling_llmcompress import rows_linear
+from llmcompress.models.modeling_llmcompress import head_linear
 
 
 def token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ class SubsetHead(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach()[self.keep].clone())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        sub = rows_linear(h, self.weight, self.bias)  # h: [..., D] -> [..., K]
+        sub = head_linear(h, self.weight, self.bias)  # h: [..., D] -> [..., K]
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), torch.finfo(sub.dtype).min)  # [..., V]
         return out.index_copy_(-1, self.keep, sub)
 

@@ -109,12 +109,12 @@ def test_draft_saved_with_its_vocabulary(tiny_hf_dir, corpus_file, tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_rows_linear_matches_linear(rows, with_bias):
-    from llmcompress.models.modeling_llmcompress import rows_linear
+def test_head_linear_matches_linear(rows, with_bias):
+    from llmcompress.models.modeling_llmcompress import head_linear
 
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(5000, 24, generator=g), torch.randn(5000, generator=g) if with_bias else None
     x = torch.randn(1, rows, 24, generator=g)  # [B, S, D]: the W @ x^T path takes 2..8 rows
-    y = rows_linear(x, w, b)
+    y = head_linear(x, w, b)
     assert y.shape == (1, rows, 5000)
     assert torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
