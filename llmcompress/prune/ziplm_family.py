@@ -146,7 +146,9 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
         # keep the round measured closest to the target: a noisy timing can send a rescaled search further off
         # than the first solution was (seen: 1.382x for 1.25x, then 1.068x after rescaling)
         best = min(range(len(tried)), key=lambda i: abs(tried[i]["meas"] / target - 1) if tried[i]["meas"] else 0.0)
-        budget, sol, choice, model, pred, timing, meas = tried[best].values()
+        kept = tried[best]
+        budget, sol, choice, model = kept["budget"], kept["sol"], kept["choice"], kept["model"]
+        pred, timing, meas = kept["pred"], kept["timing"], kept["meas"]
         for i, row in enumerate(rounds):
             row["kept"] = i == best
         if cfg.sequential and tokens is not None:
