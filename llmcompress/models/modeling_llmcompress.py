@@ -353,9 +353,9 @@ class DeciLMForCausalLM(LlmcNasPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         head = self.lm_head
-        if type(head) is nn.Linear:
+        if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
             logits = head_linear(x, head.weight, head.bias)  # [B, S, V]
-        else:  # a replaced head (a draft's SubsetHead)
+        else:  # a replaced head (a draft's SubsetHead), or one whose hooks must see the call
             logits = head(x)
         loss = None
         if labels is not None:
