@@ -84,10 +84,17 @@ def gkd_loss(teacher_hidden: Sequence[torch.Tensor], student_hidden: Sequence[to
     if cfg.mse_weight:
         mse = torch.stack([normalised_mse(t, s) for t, s in zip(teacher_hidden[1:], student_hidden[1:])]).mean()
         loss, parts["mse"] = loss + cfg.mse_weight * mse, mse.item()
-    if cfg.kl_weight:
+    if cfg.kl_weight and cfg.lm_weight:  # one student log-softmax for both: [B, S, V] over a 49k vocabulary
+        s_logp = F.log_softmax(student_logits.float(), -1)
+        t_logp = F.log_softmax(teacher_logits.float(), -1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()  # = kl_div(teacher_logits, student_logits)
+        lm = F.nll_loss(s_logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # = the cross-entropy below
+        loss = loss + cfg.kl_weight * kl + cfg.lm_weight * lm
+        parts["kl"], parts["lm"] = kl.item(), lm.item()
+    elif cfg.kl_weight:
         kl = kl_div(teacher_logits, student_logits)
         loss, parts["kl"] = loss + cfg.kl_weight * kl, kl.item()
-    if cfg.lm_weight:
+    elif cfg.lm_weight:
         lm = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss, parts["lm"] = loss + cfg.lm_weight * lm, lm.item()
     return loss, parts

@@ -31,6 +31,26 @@ def test_loss_parts():
         gkd_loss(h, h[:2], logits, logits, ids, GKDConfig())
 
 
+@pytest.mark.parametrize("kl_weight,lm_weight", [(1.0, 0.5), (0.0, 0.5), (1.0, 0.0)])
+def test_kl_and_lm_parts_match_their_definitions(kl_weight, lm_weight):
+    torch.manual_seed(0)
+    h = [torch.randn(2, 5, 8) for _ in range(2)]
+    t_logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    s_logits = torch.randn(2, 5, 11, requires_grad=True)
+    cfg = GKDConfig(cosine_weight=0.0, kl_weight=kl_weight, lm_weight=lm_weight)
+    loss, parts = gkd_loss(h, h, t_logits, s_logits, ids, cfg)
+    t, s = torch.log_softmax(t_logits, -1), torch.log_softmax(s_logits, -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    lm = torch.nn.functional.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    ref = kl_weight * kl + lm_weight * lm
+    assert set(parts) == {k for k, w in (("kl", kl_weight), ("lm", lm_weight)) if w}
+    assert parts.get("kl", kl.item()) == pytest.approx(kl.item(), rel=1e-5)
+    assert parts.get("lm", lm.item()) == pytest.approx(lm.item(), rel=1e-5)
+    grad, = torch.autograd.grad(loss, s_logits)
+    ref_grad, = torch.autograd.grad(ref, s_logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_assemble(parent, library, bld_dir):
     same, rows = assemble(parent, library, [library.parent] * 3, bld_dir)
     tokens = tiny_tokens(2)
