@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-models", default="ziplm,uniform",
                     help="which models of a target to distill: ziplm, uniform or both (a long budget for ZipLM "
                          "alone fits one session; the comparison with uniform can use a shorter one)")
+    ap.add_argument("--distill-lm", type=float, default=0.0,
+                    help="weight of the student's LM loss added to the distillation loss (0: cosine + KL only)")
     ap.add_argument("--gradual-tokens", type=int, default=0,
                     help="also run gradual mode (targets in sequence, distilled from dense after each) with this "
                          "many distillation tokens per target (0: skip)")
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
                          f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
         if distill:
             lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
-                          "per-layer hidden cosine + logit KL):", "",
+                          "per-layer hidden cosine + logit KL"
+                          + (f" + {args.distill_lm:g} x LM loss" if args.distill_lm else "") + "):", "",
                       "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
 
             def cell(e, key):
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.train_threads or args.threads)
         from llmcompress.puzzle.gkd import GKDConfig, train_gkd
 
-        gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0)
+        gcfg = GKDConfig(tokens=args.distill_tokens, batch_size=4, lr=1e-4, cosine_weight=1.0, kl_weight=1.0,
+                         lm_weight=args.distill_lm)
         train = corpus.train_batches(8 if args.smoke else max(256, -(-args.distill_tokens // seq_len)), seq_len)
         for target in [float(s) for s in args.distill_targets.split(",")]:
             match = [x for x in results if abs(x[0]["target"] - target) < 1e-9]
