@@ -23,8 +23,11 @@ def without_layers(graph, skip: set[int]):
 
 def kl_div(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over [B, S, V] logits -> scalar."""
-    t = F.log_softmax(teacher_logits.float(), -1)
-    s = F.log_softmax(student_logits.float(), -1)
+    return kl_logp(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1))
+
+
+def kl_logp(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) from log-probabilities t, s: [B, S, V] -> scalar."""
     return (t.exp() * (t - s)).sum(-1).mean()
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from llmcompress.models.graph import BlockConfig, ModelGraph, blocks, set_block
-from llmcompress.prune.layers import kl_div
+from llmcompress.prune.layers import kl_logp
 from llmcompress.puzzle.bld import block_path, read_block, trained_prefixes
 from llmcompress.puzzle.library import PARTS, BlockLibrary, variant_name
 
@@ -84,18 +84,13 @@ def gkd_loss(teacher_hidden: Sequence[torch.Tensor], student_hidden: Sequence[to
     if cfg.mse_weight:
         mse = torch.stack([normalised_mse(t, s) for t, s in zip(teacher_hidden[1:], student_hidden[1:])]).mean()
         loss, parts["mse"] = loss + cfg.mse_weight * mse, mse.item()
-    if cfg.kl_weight and cfg.lm_weight:  # one student log-softmax for both: [B, S, V] over a 49k vocabulary
+    if cfg.kl_weight or cfg.lm_weight:  # one student log-softmax for both: [B, S, V] over the vocabulary
         s_logp = F.log_softmax(student_logits.float(), -1)
-        t_logp = F.log_softmax(teacher_logits.float(), -1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()  # = kl_div(teacher_logits, student_logits)
-        lm = F.nll_loss(s_logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # = the cross-entropy below
-        loss = loss + cfg.kl_weight * kl + cfg.lm_weight * lm
-        parts["kl"], parts["lm"] = kl.item(), lm.item()
-    elif cfg.kl_weight:
-        kl = kl_div(teacher_logits, student_logits)
+    if cfg.kl_weight:
+        kl = kl_logp(F.log_softmax(teacher_logits.float(), -1), s_logp)
         loss, parts["kl"] = loss + cfg.kl_weight * kl, kl.item()
-    elif cfg.lm_weight:
-        lm = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if cfg.lm_weight:
+        lm = F.nll_loss(s_logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # the cross-entropy
         loss, parts["lm"] = loss + cfg.lm_weight * lm, lm.item()
     return loss, parts
 
