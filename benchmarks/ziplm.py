@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     which = {m.strip() for m in args.distill_models.split(",")}
     if which - {"ziplm", "uniform"}:  # checked before the one-shot phase, not after its half hour
         ap.error(f"--distill-models {args.distill_models!r}: name ziplm, uniform or ziplm,uniform")
+    if args.distill_lm < 0:
+        ap.error(f"--distill-lm {args.distill_lm:g}: a loss weight is 0 or more")
     torch.set_num_threads(args.threads)
 
     from llmcompress.data import Corpus, DataConfig
