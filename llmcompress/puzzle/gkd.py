@@ -11,7 +11,8 @@ GKD loss per batch of token windows (teacher = parent, student = assembled model
 where h_l is the residual stream after layer l (the student keeps the parent's layer count: a removed
 block is a no-op layer). Budget in tokens; every `checkpoint_every` steps the student and the optimiser go
 to `<folder>/checkpoint-<key>/` (safetensors + JSON), the key hashing the settings, the assembled blocks and the
-training windows, so a rerun of the same model resumes there (a larger budget continues) and another starts afresh.
+training windows and the number of steps (the cosine learning-rate schedule spans them), so an interrupted rerun
+of the same run resumes there and any other, a changed budget included, starts afresh.
 """
 
 from __future__ import annotations
@@ -158,15 +159,15 @@ def train_gkd(teacher: ModelGraph, student: ModelGraph, tokens: torch.Tensor, cf
         raise ValueError("GKD matches hidden states layer by layer: the student must keep the teacher's layer count")
     device = next(student.parameters()).device
     total = math.ceil(cfg.tokens / (cfg.batch_size * tokens.shape[1])) if cfg.tokens else 0
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.eval()  # its forward runs under no_grad; its requires_grad flags are the caller's and stay as they are
+    # every student weight learns, whatever flags the copied parent had (an earlier stage may have frozen it)
+    student.requires_grad_(True)
     params = dict(student.named_parameters())  # tied weights appear once
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "tokens": 0, "history": []}
     # a zero mse_weight is left out so checkpoints written before that field existed still resume
     skip = {"tokens", "checkpoint_every"} | ({"mse_weight"} if not cfg.mse_weight else set())
-    identity = {"config": cfg.model_dump(exclude=skip),
+    identity = {"config": cfg.model_dump(exclude=skip), "steps": total,  # the lr schedule depends on it
                 "blocks": [b.describe() for b in blocks(student)], "tokens": _digest(tokens)}
     ckpt = Path(folder) / f"checkpoint-{_digest(identity)}" if folder is not None else None
     if ckpt is not None and (ckpt / "state.json").exists():

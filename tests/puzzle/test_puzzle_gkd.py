@@ -68,6 +68,29 @@ def test_assemble(parent, library, bld_dir):
         assemble(parent, library, [library.parent] * 2)
 
 
+def test_gkd_interrupted_run_resumes_to_the_same_model(parent, library, bld_dir, tmp_path):
+    tokens = tiny_tokens(8, seed=3)
+    cfg = GKDConfig(tokens=4 * 2 * 32, batch_size=2, lr=3e-3, checkpoint_every=2)
+    parent.requires_grad_(False)  # a frozen parent (an earlier stage's doing) must not freeze the student's copies
+    whole, _ = assemble(parent, library, mixed_choice(library), bld_dir)
+    train_gkd(parent, whole, tokens, cfg, tmp_path / "whole")
+
+    def stop_at_3(label, done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    cut, _ = assemble(parent, library, mixed_choice(library), bld_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train_gkd(parent, cut, tokens, cfg, tmp_path / "cut", progress=stop_at_3)
+    fresh, _ = assemble(parent, library, mixed_choice(library), bld_dir)  # a new process: weights from the checkpoint
+    rep = train_gkd(parent, fresh, tokens, cfg, tmp_path / "cut")
+    assert rep["resumed_from"] == 2 and rep["step"] == 4
+    start, _ = assemble(parent, library, mixed_choice(library), bld_dir)
+    for (name, a), b, s in zip(whole.named_parameters(), fresh.parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after the resume")
+        assert not torch.equal(a, s), f"{name} was not trained"
+
+
 def test_gkd_trains_resumes_and_saves(parent, library, bld_dir, tmp_path):
     child, _ = assemble(parent, library, mixed_choice(library), bld_dir)
     tokens = tiny_tokens(8, seed=3)
@@ -78,11 +101,15 @@ def test_gkd_trains_resumes_and_saves(parent, library, bld_dir, tmp_path):
     assert (ckpt / "state.safetensors").exists()
     losses = [h["loss"] for h in first["history"]]
     assert losses[-1] < losses[0]
-    # a larger budget continues from the checkpoint (same settings)
-    more = train_gkd(parent, child, tokens, cfg.model_copy(update={"tokens": 6 * 2 * 32}), tmp_path)
-    assert more["resumed_from"] == 4 and more["step"] == 6
+    # the same run again resumes at its end; another budget starts afresh (the cosine schedule spans the budget):
+    # a smaller one must not hand back a model trained past it, a larger one must not restart a decayed schedule
+    again = train_gkd(parent, child, tokens, cfg, tmp_path)
+    assert again["resumed_from"] == 4 and again["step"] == 4
+    for n in (3, 6):
+        other = train_gkd(parent, child, tokens, cfg.model_copy(update={"tokens": n * 2 * 32}), tmp_path)
+        assert other["resumed_from"] == 0 and other["step"] == n
     other = train_gkd(parent, child, tokens, cfg.model_copy(update={"lr": 1e-4, "tokens": 64}), tmp_path)
-    assert other["resumed_from"] == 0 and len(list(tmp_path.glob("checkpoint-*"))) == 2  # other settings: afresh
+    assert other["resumed_from"] == 0 and len(list(tmp_path.glob("checkpoint-*"))) == 4  # other settings: afresh
     # deployable: Nemotron-NAS layout, reloads with the same outputs
     out = save(child, tmp_path / "model")
     config = json.loads((out / "config.json").read_text())
