@@ -44,8 +44,8 @@ def train_one(args, spec: str, target, start, train: torch.Tensor, prompts: list
     device = next(target.parameters()).device
     steps = None if args.train_seconds and not args.steps else args.steps
     every = args.eval_every or max((steps or 400) // 4, 1)
-    cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=0 if data == "target"
-                        else 1.0, prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
+    gen_t = args.gen_temperature if args.gen_temperature is not None else 0.0 if data == "target" else 1.0
+    cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=gen_t, prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
                         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, lr=args.lr, steps=steps,
                         seconds=args.train_seconds,
                         eval_every=every, eval_prompts=4, eval_new_tokens=48, eval_gamma=3,
@@ -124,7 +124,10 @@ def training_line(args, results: list[dict]) -> str:
     where = t.get("device", "cpu")
     return (f"- training: lr {c['lr']}, {budget}, {t.get('train_prompts', '?')} training prompts of "
             f"{c['prompt_tokens']} tokens + {c['new_tokens']} continuation tokens, embeddings/LM head frozen; "
-            "target data = the target's greedy continuations (offline: top-64 log-probs cached once; online: "
+            + ("target data = the target's greedy continuations" if not c.get("gen_temperature") else
+               f"target data = continuations sampled from the target at temperature {c['gen_temperature']:g}, "
+               f"fresh pools of {c.get('gen_batch_size') or c['batch_size']}, each sequence used once")
+            + " (offline: top-64 log-probs cached once; online: "
             f"target inside each step); trained on {where}"
             + (", TF32 matmuls, the trained tensors brought here in float16" if where != "cpu" else ""))
 
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
                     help="DIVERGENCE/DATA/online|offline, e.g. jsd:0.5/mixture/online (repeatable)")
     ap.add_argument("--steps", type=int, default=150,
                     help="training steps per distilled draft (0 with --train-seconds: the clock alone)")
+    ap.add_argument("--gen-temperature", type=float, default=None,
+                    help="sampling temperature of generated continuations (default: 0 = greedy for target data, "
+                         "1 for on-policy); sampled target data with --gen-batch-size: fresh pools, each used once")
     ap.add_argument("--gen-batch-size", type=int, default=None,
                     help="prompts per generate call when making the target's greedy continuations (GPU: 512)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -9,8 +9,11 @@
 #   bash benchmarks/draft_gpu.sh keep       there (carry .gpu/a): park part a in /root/keep, install the wheels,
 #                                           and smoke-test DistillSpec training, decoding and export on CUDA
 #                                           with a tiny random model (a device bug shows here, not after minutes)
-#   bash benchmarks/draft_gpu.sh train      there (carry .gpu/b): join and check the GGUF, train for TRAIN_S
-#                                           seconds (default 420), write the trained draft to $OUT/draft
+#   bash benchmarks/draft_gpu.sh train      there (carry .gpu/b): join and check the GGUF, train one draft per
+#                                           --init in INITS (default layers:6) for TRAIN_S seconds each (default
+#                                           420), write each to $OUT/draft-<init> (e.g. $OUT/draft-layers6).
+#                                           GEN_T=1: target continuations sampled at that temperature, in fresh
+#                                           pools of GEN_BATCH (default 512), instead of greedy ones
 # .gpu/ is git-ignored, so only `carry` takes it along.
 set -euo pipefail
 phase=${1:?usage: draft_gpu.sh pack|keep|train}
@@ -58,13 +61,14 @@ dev = torch.device("cuda")
 target, draft = micro_model(layers=2, seed=0).to(dev), micro_model(layers=1, seed=1, hidden=16).to(dev)
 windows = torch.randint(0, 6, (16, 24), generator=torch.Generator().manual_seed(0))
 prompts = [windows[i: i + 1, :8] for i in range(2)]
-for data, online in (("target", True), ("fixed", False), ("on-policy", True)):
-    cfg = DistillConfig(divergence="fkl", data=data, online=online, gen_temperature=0 if data == "target" else 1.0,
+for data, online, gen_t in (("target", True, 0.0), ("target", True, 1.0), ("fixed", False, 1.0),
+                            ("on-policy", True, 1.0)):
+    cfg = DistillConfig(divergence="fkl", data=data, online=online, gen_temperature=gen_t, gen_batch_size=8,
                         prompt_tokens=8, new_tokens=16, batch_size=4, lr=3e-3, steps=6, seconds=30, eval_every=3,
                         eval_prompts=2, eval_new_tokens=8, eval_gamma=2, checkpoint_every=3, freeze_embeddings=True)
     with tempfile.TemporaryDirectory() as d:
         rep = train_draft(target, draft, windows, prompts, cfg, pathlib.Path(d))
-    print(data, online, "steps", rep["steps"], "loss", round(rep["loss_first"], 3), "->", round(rep["loss_last"], 3))
+    print(data, online, gen_t, "steps", rep["steps"], "loss", round(rep["loss_first"], 3), "->", round(rep["loss_last"], 3))
 out, stats = speculative_decode(target, draft, prompts[0], 8, 2)
 print("speculative decode on", out.device, "alpha", round(stats.alpha, 3))
 with tempfile.TemporaryDirectory() as d:
@@ -84,11 +88,13 @@ train)
   mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
   set -o pipefail
-  python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$OUT/draft" \
-    --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \
-    --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" \
-    --eval-every "${EVERY:-100}" \
-    --lr "${LR:-5e-4}" --eval-prompts 4 --work $KEEP/work 2>&1 | tee "$OUT/train.log"
+  for init in ${INITS:-layers:6}; do  # one draft per --init, each with TRAIN_S seconds, into $OUT/draft-<init>
+    python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$OUT/draft-${init/:/}" \
+      --init "$init" --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \
+      --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" \
+      ${GEN_T:+--gen-temperature $GEN_T} --eval-every "${EVERY:-100}" \
+      --lr "${LR:-5e-4}" --eval-prompts 4 --work "$KEEP/work-${init/:/}" 2>&1 | tee -a "$OUT/train.log"
+  done
   ;;
 *)
   echo "unknown phase $phase: pack, keep or train"; exit 2

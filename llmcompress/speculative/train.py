@@ -54,9 +54,10 @@ class DistillConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
     gen_temperature: float = Field(1.0, ge=0, description="sampling temperature of generated continuations "
                                    "(0: greedy; greedy target continuations are generated once per prompt)")
-    gen_batch_size: int | None = Field(None, gt=0, description="greedy target continuations (generated once per "
-                                       "prompt) are made this many prompts per generate call, the batch's new "
-                                       "prompts topped up with others not made yet: fewer, fuller calls (GPU)")
+    gen_batch_size: int | None = Field(None, gt=0, description="target continuations are made this many per "
+                                       "generate call: fewer, fuller calls (GPU). Greedy ones (made once per "
+                                       "prompt): the batch's new prompts topped up with others not made yet; "
+                                       "sampled ones: a pool of fresh samples for random prompts, each used once")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="online: weight of the SmoothL1 feature loss")
@@ -197,6 +198,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
     # progress total: the step or token budget; a time budget alone shows steps done against 0 (unknown)
     total = cfg.steps or (-(-cfg.tokens // (cfg.batch_size * cfg.new_tokens)) if cfg.tokens else 0)
     greedy_pool: dict[int, torch.Tensor] = {}  # window index -> greedy target sequence [S]
+    sample_pool: list[torch.Tensor] = []  # sampled target sequences [S] not trained on yet (not checkpointed)
     while not done():
         step = state["step"]
         idx = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed + step))[: cfg.batch_size]
@@ -214,6 +216,15 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
                 made = generate(target, windows[todo, : cfg.prompt_tokens].to(device), cfg.new_tokens, 0.0, 0)
                 greedy_pool.update(zip(todo, made.cpu()))
             seqs = torch.stack([greedy_pool[i] for i in idx.tolist()]).to(device)
+        elif source == "target" and cfg.gen_batch_size:  # sampled: made a pool at a time, each sequence used once
+            if len(sample_pool) < cfg.batch_size:
+                g = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (step + 1))
+                pick = torch.randint(0, len(windows), (max(cfg.gen_batch_size, cfg.batch_size),), generator=g)
+                made = generate(target, windows[pick, : cfg.prompt_tokens].to(device), cfg.new_tokens,
+                                cfg.gen_temperature, cfg.seed + step)
+                sample_pool += list(made.cpu())
+            seqs = torch.stack(sample_pool[: cfg.batch_size]).to(device)
+            del sample_pool[: cfg.batch_size]
         else:
             gen_model = target if source == "target" else draft.eval()
             seqs = generate(gen_model, prompts, cfg.new_tokens, cfg.gen_temperature, cfg.seed + step)
@@ -221,7 +232,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         # matmul of a small draft) and the vocabulary-sized losses run on those alone
         keep = min(cfg.new_tokens + 1, seqs.shape[1])
         mask = continuation_mask(len(seqs), seqs.shape[1], cfg.prompt_tokens).to(device)[:, -keep:]  # [B, keep]
-        state["counts"] += token_counts(seqs[:, -keep:][mask].cpu(), len(state["counts"]))
+        state["counts"] += token_counts(seqs[:, cfg.prompt_tokens:].cpu(), len(state["counts"]))  # the tokens to predict
         draft.train()
         d_out = draft(seqs, output_hidden_states=cfg.online, logits_to_keep=keep)
         if cfg.online:

@@ -117,3 +117,28 @@ def test_greedy_target_pool_is_made_in_full_generate_calls(monkeypatch):
     assert sizes[0] == 8 and all(s <= 8 for s in sizes)  # the first batch's 4 prompts + 4 not made yet
     made = [tuple(r) for c in calls for r in c]
     assert len(made) <= len(windows) and len(calls) <= 3  # 16 prompts: every one made once, in 2-3 calls
+
+
+def test_sampled_target_pool_makes_fresh_sequences_in_full_calls(monkeypatch):
+    import llmcompress.speculative.train as train
+
+    target, draft, windows, prompts = _setup()
+    calls, real = [], train.generate
+
+    def counting(model, p, *a, **kw):
+        out = real(model, p, *a, **kw)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(train, "generate", counting)
+    cfg = _cfg(data="target", gen_temperature=1.0, online=True, steps=6, eval_every=100, gen_batch_size=8)
+    report = train_draft(target, draft, windows, prompts, cfg)
+    assert report["steps"] == 6 and [len(c) for c in calls] == [8, 8, 8]  # batch 4: one call per two steps
+    seen = torch.cat(calls)[:, cfg.prompt_tokens:]  # [24, new_tokens]: each trained on once, and counted once
+    assert report["continuation_counts"].sum() == seen.numel()
+    assert torch.equal(report["continuation_counts"], torch.bincount(seen.flatten(), minlength=len(
+        report["continuation_counts"])))
+    calls.clear()
+    monkeypatch.setattr(train, "generate", counting)
+    train_draft(target, draft, windows, prompts, cfg.model_copy(update={"gen_batch_size": None}))
+    assert [len(c) for c in calls] == [4] * 6  # without a pool size: one call per step, the batch's prompts
