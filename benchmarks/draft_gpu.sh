@@ -13,17 +13,35 @@
 #                                           --init in INITS (default layers:6) for TRAIN_S seconds each (default
 #                                           420), write each to $OUT/draft-<init> (e.g. $OUT/draft-layers6).
 #                                           GEN_T=1: target continuations sampled at that temperature, in fresh
-#                                           pools of GEN_BATCH (default 512), instead of greedy ones
+#                                           pools of GEN_BATCH (default 512), instead of greedy ones.
+#                                           One call brings back about 64 MB: what does not fit stays in
+#                                           $KEEP/export and the log says so
+#   bash benchmarks/draft_gpu.sh fetch      there, next call: the next files that fit (repeat until done)
 # .gpu/ is git-ignored, so only `carry` takes it along.
 set -euo pipefail
-phase=${1:?usage: draft_gpu.sh pack|keep|train}
-KEEP=/root/keep
+phase=${1:?usage: draft_gpu.sh pack|keep|train|fetch}
+KEEP=${KEEP:-/root/keep}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 CONFIG=${CONFIG:-fkl/target/online}
 
 setup_there() {  # the machine's copy of the tree has no installed package: kernels/ maps to llmcompress.kernels
   ln -sfn ../kernels llmcompress/kernels
   export PYTHONPATH=$KEEP/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+}
+
+ship() {  # move exported files from $KEEP/export to $OUT while they fit what one call brings back
+  # (the device tool's limits: at most 8 files and 64 MiB together; the files already in $OUT count)
+  mkdir -p "${OUT:=gpu-out}"
+  local files=$(find "$OUT" -type f | wc -l) used=$(find "$OUT" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+  local left=$((63 * 2**20 - used)) slots=$((8 - files)) f size
+  for f in $(cd $KEEP/export 2>/dev/null && find . -type f | sort); do
+    size=$(stat -c %s "$KEEP/export/$f")
+    if [ "$slots" -gt 0 ] && [ "$size" -le "$left" ]; then
+      mkdir -p "$OUT/$(dirname "$f")" && mv "$KEEP/export/$f" "$OUT/$f" && left=$((left - size)) && slots=$((slots - 1))
+    fi
+  done
+  rest=$(find $KEEP/export -type f 2>/dev/null | wc -l)
+  echo "$OUT holds $(find "$OUT" -type f | wc -l) files; $rest left in $KEEP/export: $([ "$rest" = 0 ] && echo done || echo 'run the fetch phase next, within the 30 s the machine stays warm')"
 }
 
 case $phase in
@@ -88,15 +106,20 @@ train)
   mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
   set -o pipefail
-  for init in ${INITS:-layers:6}; do  # one draft per --init, each with TRAIN_S seconds, into $OUT/draft-<init>
-    python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$OUT/draft-${init/:/}" \
+  rm -rf $KEEP/export
+  for init in ${INITS:-layers:6}; do  # one draft per --init, each with TRAIN_S seconds, into $KEEP/export/draft-<init>
+    python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$KEEP/export/draft-${init/:/}" \
       --init "$init" --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \
       --train-new-tokens 128 --prompts-per-doc 8 --train-prompts 100000 --gen-batch-size "${GEN_BATCH:-512}" \
       ${GEN_T:+--gen-temperature $GEN_T} --eval-every "${EVERY:-100}" \
       --lr "${LR:-5e-4}" --eval-prompts 4 --work "$KEEP/work-${init/:/}" 2>&1 | tee -a "$OUT/train.log"
   done
+  ship
+  ;;
+fetch)
+  ship
   ;;
 *)
-  echo "unknown phase $phase: pack, keep or train"; exit 2
+  echo "unknown phase $phase: pack, keep, train or fetch"; exit 2
   ;;
 esac
