@@ -45,7 +45,8 @@ def train_one(args, spec: str, target, start, train: torch.Tensor, prompts: list
     steps = None if args.train_seconds and not args.steps else args.steps
     every = args.eval_every or max((steps or 400) // 4, 1)
     gen_t = args.gen_temperature if args.gen_temperature is not None else 0.0 if data == "target" else 1.0
-    cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=gen_t, prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
+    cfg = DistillConfig(divergence=div, data=data, online=mode == "online", gen_temperature=gen_t,
+                        prompt_tokens=args.prompt_tokens, new_tokens=args.train_new_tokens,
                         batch_size=args.batch_size, gen_batch_size=args.gen_batch_size, lr=args.lr, steps=steps,
                         seconds=args.train_seconds,
                         eval_every=every, eval_prompts=4, eval_new_tokens=48, eval_gamma=3,
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
                     help="sampling temperature of generated continuations (default: 0 = greedy for target data, "
                          "1 for on-policy); sampled target data with --gen-batch-size: fresh pools, each used once")
     ap.add_argument("--gen-batch-size", type=int, default=None,
-                    help="prompts per generate call when making the target's greedy continuations (GPU: 512)")
+                    help="prompts per generate call when making the target's continuations (GPU: 512; sampled ones: "
+                         "the size of each fresh pool)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--train-prompts", type=int, default=512)

@@ -1,5 +1,6 @@
 """Assembling a Puzzle solution, global distillation, and the deployable checkpoint."""
 
+import copy
 import json
 
 import pytest
@@ -71,7 +72,8 @@ def test_assemble(parent, library, bld_dir):
 def test_gkd_interrupted_run_resumes_to_the_same_model(parent, library, bld_dir, tmp_path):
     tokens = tiny_tokens(8, seed=3)
     cfg = GKDConfig(tokens=4 * 2 * 32, batch_size=2, lr=3e-3, checkpoint_every=2)
-    parent.requires_grad_(False)  # a frozen parent (an earlier stage's doing) must not freeze the student's copies
+    # a frozen parent (an earlier stage's doing) must not freeze the student's copies; a copy, the fixture is shared
+    parent = copy.deepcopy(parent).requires_grad_(False)
     whole, _ = assemble(parent, library, mixed_choice(library), bld_dir)
     train_gkd(parent, whole, tokens, cfg, tmp_path / "whole")
 

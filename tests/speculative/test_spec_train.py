@@ -139,6 +139,5 @@ def test_sampled_target_pool_makes_fresh_sequences_in_full_calls(monkeypatch):
     assert torch.equal(report["continuation_counts"], torch.bincount(seen.flatten(), minlength=len(
         report["continuation_counts"])))
     calls.clear()
-    monkeypatch.setattr(train, "generate", counting)
     train_draft(target, draft, windows, prompts, cfg.model_copy(update={"gen_batch_size": None}))
     assert [len(c) for c in calls] == [4] * 6  # without a pool size: one call per step, the batch's prompts
