@@ -42,7 +42,8 @@ SMOKE = ["data.seq_len=32", "stages.eval_parent.ppl_seq_len=32", "stages.eval_pa
          "stages.puzzle_bld.tokens=128", "stages.puzzle_bld.num_samples=6", "stages.puzzle_bld.eval_samples=2",
          "stages.puzzle_score.skip_samples=6", "stages.puzzle_score.num_samples=1", "stages.puzzle_score.positions=8",
          "stages.puzzle_score.prompt_len=32", "stages.puzzle_score.gen_len=4", "stages.puzzle_score.profile_repeats=1",
-         "stages.puzzle_mip.num_solutions=1", "stages.gkd.tokens=128", "stages.gkd.num_samples=4",
+         "stages.puzzle_mip.num_solutions=1", "stages.puzzle_mip.context_skip_samples=6",
+         "stages.puzzle_mip.context_num_samples=1", "stages.puzzle_mip.context_positions=8", "stages.gkd.tokens=128", "stages.gkd.num_samples=4",
          "stages.gkd.batch_size=2"]
 
 
@@ -88,6 +89,24 @@ def refine_note(mip: dict) -> str:
     return (f"up to {mip['refine']} refinement rounds: the best solution assembled, timed against the parent in "
             f"{mip['measure_rounds']} pairs, and the search repeated with the target rescaled by requested / "
             f"measured until within {100 * mip['refine_tolerance']:g}%")
+
+
+def context_note(runs: list[dict]) -> str:
+    """One line per target whose MIP stage ran the in-context search (stages.puzzle_mip.context_rounds)."""
+    out = ""
+    for run in runs:
+        ctx = run["mip"].get("context")
+        if not ctx:
+            continue
+        parts = []
+        for r in ctx["rounds"]:
+            cands = ", ".join(f"k={c['max_changed']}: {c['kl']:.3f}" for c in r["candidates"]) or "no change found"
+            kept = f"kept k={r['kept']}" if r["kept"] is not None else "nothing kept"
+            parts.append(f"round {r['round']}: KL {r['kl']:.3f}; candidates (at most k layers changed) {cands}; {kept}")
+        out += (f"- in-context search at {run['target']:g}x ({ctx['protocol']}): " + "; ".join(parts)
+                + ". ppl_bld_mip is the model after it, ppl_bld_greedy and ppl_bld_uniform the baselines on the "
+                "replace-1-block scores\n")
+    return out
 
 
 def main(argv=None) -> int:
@@ -154,7 +173,7 @@ def main(argv=None) -> int:
               f"final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
               f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; ppl_bld_*: "
               f"the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
-              + ziplm_rows(rows) +
+              + context_note(runs) + ziplm_rows(rows) +
               f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
         js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
         return md, js, mdp

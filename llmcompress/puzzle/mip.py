@@ -176,16 +176,26 @@ def _infeasible(budgets: Sequence[Budget], backend: Backend, time_limit_s: float
 
 
 def solve(scores: Matrix, budgets: Sequence[Budget], backend: Backend = "ortools", num_solutions: int = 1,
-          max_shared: float = 1.0, time_limit_s: float = 60.0) -> list[Solution]:
+          max_shared: float = 1.0, time_limit_s: float = 60.0, near: Sequence[int] | None = None,
+          max_changed: int | None = None) -> list[Solution]:
     """The best choices of one variant per layer under the budgets. Each further solution shares at most
     floor(max_shared * L) (and always fewer than L) of its layers' choices with every earlier one; fewer than
-    `num_solutions` come back when no more diverse ones exist. Infeasible budgets raise ValueError."""
+    `num_solutions` come back when no more diverse ones exist. With `near` (a choice) and `max_changed`, every
+    solution differs from `near` in at most max_changed layers (a trust region). Infeasible budgets raise
+    ValueError."""
     _check_shapes(scores, budgets)
     if num_solutions < 1 or not 0 <= max_shared <= 1:
         raise ValueError(f"num_solutions must be >= 1 and max_shared in [0, 1], got {num_solutions}, {max_shared}")
     L = len(scores)
     max_common = min(L - 1, math.floor(max_shared * L + 1e-9))
     rows = _rows(budgets)
+    if (near is None) != (max_changed is None):
+        raise ValueError("give near and max_changed together")
+    if near is not None:
+        if len(near) != L or max_changed < 0:
+            raise ValueError(f"near needs one variant per layer ({L}) and max_changed >= 0")
+        rows.append(([[-1.0 if v == near[l] else 0.0 for v in range(len(scores[l]))] for l in range(L)],
+                     float(max_changed - L)))  # sum_l x[l][near_l] >= L - max_changed
     found: list[Solution] = []
     for _ in range(num_solutions):
         div = [([[1.0 if v == prev.choice[l] else 0.0 for v in range(len(scores[l]))] for l in range(L)],
@@ -346,8 +356,12 @@ def predict(lib: dict, blocks_per_layer: Sequence[str], latency_batch: int = 1) 
 
 
 def search(lib: dict, budgets: Budgets, backend: Backend = "ortools", num_solutions: int = 1,
-           max_shared: float = 0.8, time_limit_s: float = 60.0) -> dict:
-    """Solve the MIP on a scored library and compare with the baselines.
+           max_shared: float = 0.8, time_limit_s: float = 60.0, objective: Matrix | None = None,
+           near: Sequence[str] | None = None, max_changed: int | None = None) -> dict:
+    """Solve the MIP on a scored library and compare with the baselines. `objective` [L][V] replaces the
+    library's scores in the MIP only (e.g. in-context scores, score.context_matrix); the baselines and every
+    reported "score" keep the library's, so solutions stay comparable. `near` (block names per layer) with
+    `max_changed`: solutions differ from it in at most that many layers.
     -> {"budgets": [...], "parent": {...}, "solutions": [{"blocks", "score", "predicted", "speedup", ...}],
         "greedy": {...} | {"error"}, "uniform": {...} | None}"""
     names, scores = library_matrices(lib)
@@ -363,9 +377,14 @@ def search(lib: dict, budgets: Budgets, backend: Backend = "ortools", num_soluti
                                       "prefill": base["prefill_ms"] / p["prefill_ms"]},
                 "budgets": {r.name: r.user(r.total(choice)) for r in rows}, **extra}
 
-    sols = solve(scores, rows, backend, num_solutions, max_shared, time_limit_s)
+    if objective is not None and [len(o) for o in objective] != [len(s) for s in scores]:
+        raise ValueError("objective: give one value per (layer, block) of the library")
+    near_idx = None if near is None else [layer.index(n) for layer, n in zip(names, near)]
+    sols = solve(scores if objective is None else objective, rows, backend, num_solutions, max_shared, time_limit_s,
+                 near_idx, max_changed)
     out = {"backend": backend, "budgets": [r.describe() for r in rows], "parent": base,
-           "solutions": [describe(s.choice, optimal=s.optimal) for s in sols]}
+           "solutions": [describe(s.choice, optimal=s.optimal) | ({} if objective is None else {"objective": s.objective})
+                         for s in sols]}
     try:
         out["greedy"] = describe(greedy(scores, rows))
     except ValueError as err:

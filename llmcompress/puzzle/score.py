@@ -27,7 +27,7 @@ from llmcompress.hardware.profile import HEAD, CostTable, entry_key
 from llmcompress.models.graph import AttentionConfig, BlockConfig, FFNConfig, ModelGraph
 from llmcompress.models.modeling_llmcompress import DecoderLayer
 from llmcompress.oneshot.calibrate import first_layer_inputs
-from llmcompress.prune.layers import kl_div
+from llmcompress.prune.layers import kl_div, kl_logp
 from llmcompress.puzzle.bld import load_variant
 from llmcompress.puzzle.library import PARTS, BlockLibrary, variant_name
 
@@ -157,6 +157,104 @@ def score_blocks(graph: ModelGraph, library: BlockLibrary, tokens: torch.Tensor,
     out["protocol"] = (f"replace-1-block {'KL(parent || child)' if cfg.metric == 'kl' else 'LM-loss increase'} "
                        f"on {n_tokens} held-out calibration sequences of {tokens.shape[1]} tokens, {pos}")
     return out
+
+
+# ----------------------------------------------------------------------------- in context
+@torch.no_grad()
+def model_score(parent: ModelGraph, model: ModelGraph, tokens: torch.Tensor, cfg: ScoreConfig) -> float:
+    """The whole model's score on tokens [N, S] under the scoring protocol: mean KL(parent || model) over the
+    scored positions (metric kl) or its LM loss minus the parent's (metric lm_loss)."""
+    total = 0.0
+    for ids in tokens.split(cfg.batch_size):
+        ids = ids.to(next(model.parameters()).device)
+        ref, logits = parent(ids).logits, model(ids).logits
+        if cfg.positions:
+            ref, logits = ref[:, -cfg.positions:], logits[:, -cfg.positions:]
+        if cfg.metric == "kl":
+            total += kl_div(ref, logits).item() * len(ids)
+        else:
+            total += (lm_loss(logits, ids) - lm_loss(ref, ids)).item() * len(ids)
+    return total / len(tokens)
+
+
+@torch.no_grad()
+def score_in_context(parent: ModelGraph, model: ModelGraph, library: BlockLibrary, choice: list[BlockConfig],
+                     tokens: torch.Tensor, cfg: ScoreConfig, bld_folder: str | Path | None = None,
+                     progress: Progress | None = None) -> dict:
+    """Block scores around a chosen model instead of around the parent: for every layer and every attention
+    (FFN) variant, the change of the model's score (see model_score) when that layer's attention (FFN) alone
+    is swapped for the variant, its other part kept as chosen. The chosen parts score 0; a negative score is
+    a swap that helps. A block (a, f) then scores s(a) + s(f): the MIP over these scores searches the
+    neighbourhood of the choice with the interactions the replace-1-block scores (all around the parent) miss.
+    model: assemble(parent, library, choice). -> {"attention": [[score per variant] per layer], "ffn": [...],
+    "base": model_score of the model, "trained": {part: [[bool]]}, "protocol": str}"""
+    if len(choice) != len(model.model.layers) or len(choice) != len(parent.model.layers):
+        raise ValueError(f"{len(choice)} blocks given for a {len(model.model.layers)}-layer model")
+    if cfg.positions is not None and cfg.positions > tokens.shape[1]:
+        raise ValueError(f"positions={cfg.positions} exceeds the sequence length {tokens.shape[1]}")
+    device = next(model.parameters()).device
+    folder = Path(bld_folder) if bld_folder is not None else None
+    batches = [b.to(device) for b in tokens.split(cfg.batch_size)]
+    refs = []  # per batch: (parent log-probs [B, P, V] for kl, None) or (None, parent LM loss) for lm_loss
+    for ids in batches:
+        logits = parent(ids).logits[:, -cfg.positions:] if cfg.positions else parent(ids).logits
+        refs.append((F.log_softmax(logits.float(), -1), None) if cfg.metric == "kl" else (None, lm_loss(logits, ids)))
+    inputs = first_layer_inputs(model, tokens, cfg.batch_size, device)  # per batch (x [B, S, D], cos, sin)
+
+    def score(logits: torch.Tensor, ids: torch.Tensor, ref) -> float:  # logits: [B, P, V]
+        if cfg.metric == "kl":
+            return kl_logp(ref[0], F.log_softmax(logits.float(), -1)).item()
+        return (lm_loss(logits, ids) - ref[1]).item()
+
+    L = len(choice)
+    base = sum(score(_tail(model, 0, x, cos, sin, cfg.positions), ids, ref) * len(ids)
+               for (x, cos, sin), ids, ref in zip(inputs, batches, refs)) / len(tokens)
+    out = {"attention": [], "ffn": [], "base": base, "trained": {"attention": [], "ffn": []}}
+    per_layer = len(library.attention) + len(library.ffn) - 2
+    label = f"scoring {L * per_layer} blocks in the chosen model ({cfg.metric})"
+    for i, block in enumerate(choice):
+        current, source = model.model.layers[i], parent.model.layers[i]
+        candidates, trained = [], {"attention": [], "ffn": []}
+        for part in PARTS:
+            chosen = block.attention if part == "attention" else block.ffn
+            for v in library.variants(part):
+                if v == chosen:
+                    trained[part].append(True)
+                    continue
+                if v == library.parent_part(part):
+                    child, ok = source, True
+                else:
+                    child, ok = load_variant(source, parent.config, library, i, part, v, folder)
+                trained[part].append(ok)
+                if part == "attention":
+                    layer = compose(parent.config, child, current, BlockConfig(attention=v, ffn=block.ffn))
+                else:
+                    layer = compose(parent.config, current, child, BlockConfig(attention=block.attention, ffn=v))
+                candidates.append((part, variant_name(v), layer.to(device)))
+        totals = {(part, name): 0.0 for part, name, _ in candidates}
+        for (x, cos, sin), ids, ref in zip(inputs, batches, refs):
+            for part, name, layer in candidates:
+                logits = _tail(model, i + 1, layer(x, cos, sin, None, None), cos, sin, cfg.positions)
+                totals[(part, name)] += score(logits, ids, ref) * len(ids)
+            x.copy_(current(x, cos, sin, None, None))  # the next layer's input, in place
+        for part in PARTS:
+            out[part].append([totals[(part, variant_name(v))] / len(tokens) - base
+                              if (part, variant_name(v)) in totals else 0.0 for v in library.variants(part)])
+            out["trained"][part].append(trained[part])
+        if progress is not None:
+            progress(label, (i + 1) * per_layer, L * per_layer)
+    pos = f"the last {cfg.positions} positions" if cfg.positions else "every position"
+    out["protocol"] = (f"in-context swap, change of {'KL(parent || model)' if cfg.metric == 'kl' else 'LM-loss increase'}"
+                       f" on {len(tokens)} calibration sequences of {tokens.shape[1]} tokens, {pos}")
+    return out
+
+
+def context_matrix(lib: dict, scores: dict) -> list[list[float]]:
+    """In-context scores (score_in_context) as the MIP's objective over the scored library's blocks. -> [L][V]"""
+    att = [dict(zip(layer["attention"], s)) for layer, s in zip(lib["layers"], scores["attention"])]
+    ffn = [dict(zip(layer["ffn"], s)) for layer, s in zip(lib["layers"], scores["ffn"])]
+    return [[att[l][b["name"].split("+")[0]] + ffn[l][b["name"].split("+")[1]] for b in layer["blocks"]]
+            for l, layer in enumerate(lib["layers"])]
 
 
 # ----------------------------------------------------------------------------- costs

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -27,6 +27,7 @@ from llmcompress.puzzle.bld import BLDConfig, run_bld
 from llmcompress.puzzle.gkd import GKDConfig, assemble, train_gkd
 from llmcompress.puzzle.library import BlockLibrary, LibraryConfig, build_library, variant_name
 from llmcompress.puzzle.mip import Budgets, search
+from llmcompress.puzzle.context import search_in_context
 from llmcompress.puzzle.score import ScoreConfig, block_of, load_library, save_library, score_blocks, scored_library
 from llmcompress.stages.base import Stage, StageContext
 
@@ -137,6 +138,16 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
                         "target / measured (the table misses what only the whole model shows)")
     refine_tolerance: float = Field(0.03, ge=0, description="stop refining when measured is this close (relative)")
     measure_rounds: int = Field(3, gt=0, description="alternating parent/model timing rounds per measurement")
+    context_rounds: int = Field(0, ge=0, description="rounds of in-context search after the search (and "
+                                "refinement): score every variant swapped into the best solution, solve the MIP "
+                                "over those scores within each trust region and keep the candidate with the lowest "
+                                "whole-model KL if it beats the best solution's (puzzle/context.py)")
+    context_skip_samples: int = Field(64, ge=0, description="windows skipped before the in-context scoring "
+                                      "windows (at least puzzle_bld's num_samples, so they are held out)")
+    context_num_samples: int = Field(4, gt=0, description="calibration windows of the in-context scores")
+    context_positions: int | None = Field(64, gt=0, description="score the last N positions of each window")
+    context_max_changed: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 3, 4, 6, 8], min_length=1, description="trust regions: per "
+                                           "round, one candidate changing at most k layers for each k")
 
     def run(self, graph, ctx: StageContext):
         lib = load_library(self.folder / SCORED)
@@ -144,8 +155,23 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
         result = search(lib, budgets, self.backend, self.num_solutions, self.max_shared, self.time_limit_s)
         if self.refine and budgets.target_speedup is not None:
             result = self._refine(graph, lib, budgets, result, ctx)
+            budgets = budgets.model_copy(update={"target_speedup": result["refinement"][-1]["requested_speedup"]})
+        if self.context_rounds:
+            result = self._in_context(graph, lib, budgets, result, ctx)
         _write_json(self.folder / SOLUTIONS, result)
         return graph, result
+
+    def _in_context(self, graph, lib: dict, budgets: Budgets, result: dict, ctx: StageContext) -> dict:
+        """search_in_context around the best solution. A solution it keeps is not timed here (the refinement's
+        measurement was of the model before it): the eval stage times the final model."""
+        cfg = ScoreConfig(num_samples=self.context_num_samples, positions=self.context_positions)
+        result, _ = search_in_context(
+            graph, BlockLibrary.load(self.folder / "library"), lib, budgets, result,
+            _windows(ctx, self.context_skip_samples, self.context_num_samples), cfg, self.folder / "bld",
+            self.context_rounds, self.context_max_changed, self.backend, self.time_limit_s, ctx.progress)
+        if "measured_speedup" in result and any(r["kept"] is not None for r in result["context"]["rounds"]):
+            result["measured_speedup_before_context"] = result.pop("measured_speedup")
+        return result
 
     def _refine(self, graph, lib: dict, budgets: Budgets, result: dict, ctx: StageContext) -> dict:
         """Measure the best solution's speed-up (paired with the parent) and search again with the requested
@@ -210,7 +236,8 @@ def search_recipe(model: str, data: str, output: str, target_speedup: float, dev
         {"type": "puzzle_bld", "workdir": work, "tokens": bld_tokens},
         {"type": "puzzle_score", "workdir": work, "cost_table": cost_table, "positions": min(64, seq_len),
          "prompt_len": prompt_len, "gen_len": gen_len},
-        {"type": "puzzle_mip", "workdir": work, "target_speedup": target_speedup, "speedup_metric": metric},
+        {"type": "puzzle_mip", "workdir": work, "target_speedup": target_speedup, "speedup_metric": metric,
+         "context_rounds": 1, "context_positions": min(64, seq_len)},
         {"type": "gkd", "workdir": work, "tokens": gkd_tokens},
     ]
     if evaluate:

@@ -29,6 +29,28 @@ def brute_force(scores, budgets):
     return best
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2])
+def test_trust_region_matches_brute_force(seed, k):
+    scores, budgets = instance(seed + 10, layers=4, variants=3, n_budgets=2, tightness=0.8)
+    start = brute_force(scores, budgets)
+    if start is None:
+        pytest.skip("infeasible instance")
+    near = start[1]
+    rng = random.Random(seed)
+    other = [[rng.uniform(-1, 1) for _ in s] for s in scores]  # e.g. in-context changes
+    region = [c for c in itertools.product(*[range(len(s)) for s in scores])
+              if sum(a != b for a, b in zip(c, near)) <= k]
+    want = brute_force(other, budgets + [Budget("region", [[0.0 if v == near[l] else 1.0 for v in range(3)]
+                                                           for l in range(4)], 0.0, float(k))])
+    for backend in BACKENDS:
+        (sol,) = solve(other, budgets, backend, near=near, max_changed=k)
+        assert tuple(sol.choice) in region and feasible(sol.choice, budgets)
+        assert sol.objective == pytest.approx(want[0], abs=1e-9)
+    with pytest.raises(ValueError, match="together"):
+        solve(other, budgets, near=near)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_backends_match_brute_force(seed):
     scores, budgets = instance(seed, layers=4, variants=4, n_budgets=1 + seed % 3)
@@ -136,6 +158,16 @@ def test_budgets_from_library():
     # decode budget (0.5 + 3 x 1.0) / 1.5 = 2.33 ms: drop layer 0 (its score is lowest) and halve the other FFNs
     assert best["blocks"] == ["noop+noop", "gqa_4q_2kv+mlp_64", "gqa_4q_2kv+mlp_64"]
     assert result["uniform"]["block"] == "noop+noop" and result["greedy"]["score"] >= best["score"]
+    # an objective (e.g. in-context scores) steers the MIP only; scores and baselines stay the library's
+    steer = [[0.0, 5.0, -1.0], [0.0, -1.0, 5.0], [0.0, -1.0, 5.0]]
+    other = search(lib, Budgets(target_speedup=1.5), objective=steer)["solutions"][0]
+    assert other["blocks"] == best["blocks"] and other["objective"] == -3.0 and other["score"] == best["score"]
+    steer = [[0.0, -1.0, 5.0], [0.0, -1.0, 5.0], [0.0, -1.0, -2.0]]  # now the no-op is best in layer 2
+    moved = search(lib, Budgets(target_speedup=1.5), objective=steer)
+    assert moved["solutions"][0]["blocks"] == ["gqa_4q_2kv+mlp_64", "gqa_4q_2kv+mlp_64", "noop+noop"]
+    assert moved["solutions"][0]["objective"] == -4.0 and moved["greedy"] == result["greedy"]
+    with pytest.raises(ValueError, match="one value per"):
+        search(lib, Budgets(target_speedup=1.5), objective=[[0.0]] * 3)
     with pytest.raises(ValueError, match="batch 4 was not profiled|throughput_batch 4 was not profiled"):
         make_budgets(lib, Budgets(throughput_tok_s=10, throughput_batch=4))
     with pytest.raises(ValueError, match="at least one budget"):

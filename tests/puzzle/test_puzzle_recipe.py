@@ -25,6 +25,8 @@ def tiny_overrides(tmp_path, model_dir, data_file) -> list[str]:
             "stages.puzzle_score.positions=8", "stages.puzzle_score.prompt_len=16", "stages.puzzle_score.gen_len=4",
             "stages.puzzle_score.profile_repeats=1", "stages.puzzle_mip.target_speedup=1.2",
             "stages.puzzle_mip.refine=0",  # the recipe refines by timing; tested below with a fake clock
+            "stages.puzzle_mip.context_skip_samples=8", "stages.puzzle_mip.context_num_samples=2",
+            "stages.puzzle_mip.context_positions=8", "stages.puzzle_mip.context_max_changed=[1,2]",
             "stages.gkd.tokens=128", "stages.gkd.num_samples=8", "stages.gkd.batch_size=2",
             "stages.gkd.checkpoint_every=1"]
     return sets + [f"stages.{s}.workdir={work}" for s in PUZZLE]
@@ -63,12 +65,23 @@ def test_recipe_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_hf_dir, corpus_f
     monkeypatch.setattr("llmcompress.hardware.measure_speedup", fake_measure)
     recipe3, _ = load_recipe(RECIPE, tiny_overrides(tmp_path, tiny_hf_dir, corpus_file)
                              + ["stages.puzzle_mip.target_speedup=1.1", "stages.puzzle_mip.refine=3",
-                                "stages.puzzle_mip.measure_rounds=3"])
+                                "stages.puzzle_mip.measure_rounds=3", "stages.puzzle_mip.context_rounds=2"])
     mip = run_recipe(recipe3, base).stages[4].report
     assert calls == [("decode", 1, 16, 4, 3, 4)] * 2  # the cost table's deployment; stops once within 3%
     assert [round(r["requested_speedup"], 6) for r in mip["refinement"]] == [1.1, 1.21]
-    assert mip["target_speedup"] == 1.1 and mip["measured_speedup"] == 1.1
-    assert mip["solutions"][0]["predicted_speedup"]["decode"] >= 1.21 - 1e-9
+    assert mip["target_speedup"] == 1.1
+    assert mip["solutions"][0]["predicted_speedup"]["decode"] >= 1.21 - 1e-9  # in-context search keeps the budget
+    rounds = mip["context"]["rounds"]
+    assert 1 <= len(rounds) <= 2 and rounds[0]["kl"] > 0 and "in-context swap" in mip["context"]["protocol"]
+    kept = [r for r in rounds if r["kept"] is not None]
+    # a kept solution was not timed: the refinement's measurement moves aside
+    assert (mip.get("measured_speedup"), mip.get("measured_speedup_before_context")) == ((None, 1.1) if kept
+                                                                                         else (1.1, None))
+    for r in rounds:
+        assert all(c["changed_layers"] <= c["max_changed"] for c in r["candidates"])
+        if r["kept"] is not None:  # the kept candidate has the lowest KL, below the round's starting model
+            best = min(r["candidates"], key=lambda c: c["kl"])
+            assert best["max_changed"] == r["kept"] and best["kl"] < r["kl"]
 
 
 def test_search_cli(tmp_path, tiny_hf_dir, corpus_file, monkeypatch):
