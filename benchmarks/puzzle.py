@@ -43,7 +43,8 @@ SMOKE = ["data.seq_len=32", "stages.eval_parent.ppl_seq_len=32", "stages.eval_pa
          "stages.puzzle_score.skip_samples=6", "stages.puzzle_score.num_samples=1", "stages.puzzle_score.positions=8",
          "stages.puzzle_score.prompt_len=32", "stages.puzzle_score.gen_len=4", "stages.puzzle_score.profile_repeats=1",
          "stages.puzzle_mip.num_solutions=1", "stages.puzzle_mip.context_skip_samples=6",
-         "stages.puzzle_mip.context_num_samples=1", "stages.puzzle_mip.context_positions=8", "stages.gkd.tokens=128", "stages.gkd.num_samples=4",
+         "stages.puzzle_mip.context_num_samples=1", "stages.puzzle_mip.context_positions=8",
+         "stages.gkd.tokens=128", "stages.gkd.num_samples=4",
          "stages.gkd.batch_size=2"]
 
 

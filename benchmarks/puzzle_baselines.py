@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-windows", type=int, default=32, help="held-out windows of 512 tokens per perplexity")
     ap.add_argument("--rounds", type=int, default=3, help="alternating parent/model timing rounds per model")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context-rounds", type=int, default=0, help="also run the in-context search after the MIP "
+                    "(recipes/puzzle-smollm2.yaml's puzzle_mip context settings) and report its model as mip+ctx")
     ap.add_argument("--name", default="puzzle-baselines")
     args = ap.parse_args(argv)
     try:
@@ -54,14 +56,20 @@ def main(argv=None) -> int:
     from llmcompress.models.loading import cache_dir
     from llmcompress.pipeline import load_recipe
     from llmcompress.puzzle import BlockLibrary, assemble, load_library
+    from llmcompress.puzzle.context import search_in_context
     from llmcompress.puzzle.mip import Budgets, search
-    from llmcompress.puzzle.score import block_of
+    from llmcompress.puzzle.score import ScoreConfig, block_of
     from llmcompress.stages.puzzle import SCORED
 
     data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
     recipe, base = load_recipe(RECIPE, [f"output={run}", f"data.source={data}"])
     parent = load(recipe.model)
-    stream = Corpus(recipe.data, parent.tokenizer, base_dir=base, cache=cache_dir()).heldout_stream()
+    corpus = Corpus(recipe.data, parent.tokenizer, base_dir=base, cache=cache_dir())
+    stream = corpus.heldout_stream()
+    mip_cfg = next(st for st in recipe.stages if st.label == "puzzle_mip")
+    ctx_tokens = corpus.train_batches(mip_cfg.context_skip_samples + mip_cfg.context_num_samples)[
+        mip_cfg.context_skip_samples:]
+    ctx_cfg = ScoreConfig(num_samples=mip_cfg.context_num_samples, positions=mip_cfg.context_positions)
     lib, library = load_library(work / SCORED), BlockLibrary.load(work / "library")
     ct = lib["cost_table"]
     t0 = time.perf_counter()
@@ -82,7 +90,13 @@ def main(argv=None) -> int:
     for t in targets:
         res = search(lib, Budgets(target_speedup=t))
         row = {"target": t}
-        for kind, sol in (("mip", res["solutions"][0]), ("greedy", res.get("greedy")), ("uniform", res.get("uniform"))):
+        kinds = [("mip", res["solutions"][0]), ("greedy", res.get("greedy")), ("uniform", res.get("uniform"))]
+        if args.context_rounds:
+            ctx, _ = search_in_context(parent, library, lib, Budgets(target_speedup=t), res, ctx_tokens, ctx_cfg,
+                                       work / "bld", args.context_rounds, mip_cfg.context_max_changed)
+            kinds.insert(1, ("mip_ctx", ctx["solutions"][0]))
+            row["context"] = ctx["context"]
+        for kind, sol in kinds:
             if not sol or "blocks" not in sol:
                 row[kind] = None
                 continue
@@ -96,16 +110,26 @@ def main(argv=None) -> int:
     def cell(r, kind, key, fmt):
         return "-" if r[kind] is None else format(r[kind][key], fmt)
 
-    lines = ["| target | MIP score | greedy score | uniform score | MIP ppl | greedy ppl | uniform ppl | "
-             "MIP measured | greedy measured | uniform measured | greedy = MIP |",
-             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    methods = ("mip", "mip_ctx", "greedy", "uniform") if args.context_rounds else ("mip", "greedy", "uniform")
+    title = {"mip": "MIP", "mip_ctx": "MIP+ctx", "greedy": "greedy", "uniform": "uniform"}
+    lines = ["| target | " + " | ".join(f"{title[k]} {what}" for what in ("score", "ppl", "measured") for k in methods)
+             + " | greedy = MIP |", "|--:|" + "--:|" * (3 * len(methods)) + "---|"]
     for r in rows:
         lines.append(f"| {r['target']:g}x | " + " | ".join(
-            [cell(r, k, "score", ".3f") for k in ("mip", "greedy", "uniform")]
-            + [cell(r, k, "ppl", ".2f") for k in ("mip", "greedy", "uniform")]
-            + [cell(r, k, "measured", ".3f") + "x" * (r[k] is not None) for k in ("mip", "greedy", "uniform")])
+            [cell(r, k, "score", ".3f") for k in methods]
+            + [cell(r, k, "ppl", ".2f") for k in methods]
+            + [cell(r, k, "measured", ".3f") + "x" * (r[k] is not None) for k in methods])
             + f" | {'yes' if r['greedy_same_as_mip'] else 'no'} |")
     wins = sum(1 for r in rows if r["greedy"] and r["mip"]["ppl"] < r["greedy"]["ppl"])
+    ctx_line = ""
+    if args.context_rounds:
+        ctx_wins = sum(1 for r in rows if r["greedy"] and r["mip_ctx"]["ppl"] < r["greedy"]["ppl"])
+        ctx_line = (f"- MIP+ctx (the MIP, then {args.context_rounds} round(s) of in-context search, "
+                    f"`puzzle/context.py`, with the recipe's puzzle_mip settings: {rows[0]['context']['protocol']}; "
+                    f"trust regions {mip_cfg.context_max_changed}): perplexity below greedy's at {ctx_wins} of "
+                    f"{len(rows)} targets, below the plain MIP's at "
+                    f"{sum(1 for r in rows if r['mip_ctx']['ppl'] < r['mip']['ppl'])}; its score column is the "
+                    "replace-1-block sum of its blocks (not what it minimised)\n")
     ties = sum(1 for r in rows if r["greedy_same_as_mip"])
     m = machine()
     wall = time.perf_counter() - t0
@@ -114,7 +138,7 @@ def main(argv=None) -> int:
           + "\n".join(lines) + "\n\n"
           f"- MIP perplexity below greedy's at {wins} of {len(rows)} targets; greedy chose the MIP's blocks at "
           f"{ties}; uniform never below the MIP: "
-          f"{all(r['uniform'] is None or r['mip']['ppl'] <= r['uniform']['ppl'] for r in rows)}\n"
+          f"{all(r['uniform'] is None or r['mip']['ppl'] <= r['uniform']['ppl'] for r in rows)}\n" + ctx_line +
           f"- blocks and scores: the scored library of `{run}` (replace-1-block KL; cost table profiled in that run, "
           f"decode step at batch 1 after a {ct['prompt_len']}-token prompt); models assembled from its BLD blocks, "
           "no GKD\n"

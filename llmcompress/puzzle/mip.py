@@ -383,8 +383,8 @@ def search(lib: dict, budgets: Budgets, backend: Backend = "ortools", num_soluti
     sols = solve(scores if objective is None else objective, rows, backend, num_solutions, max_shared, time_limit_s,
                  near_idx, max_changed)
     out = {"backend": backend, "budgets": [r.describe() for r in rows], "parent": base,
-           "solutions": [describe(s.choice, optimal=s.optimal) | ({} if objective is None else {"objective": s.objective})
-                         for s in sols]}
+           "solutions": [describe(s.choice, optimal=s.optimal)
+                         | ({} if objective is None else {"objective": s.objective}) for s in sols]}
     try:
         out["greedy"] = describe(greedy(scores, rows))
     except ValueError as err:

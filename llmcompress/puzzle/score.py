@@ -244,8 +244,9 @@ def score_in_context(parent: ModelGraph, model: ModelGraph, library: BlockLibrar
         if progress is not None:
             progress(label, (i + 1) * per_layer, L * per_layer)
     pos = f"the last {cfg.positions} positions" if cfg.positions else "every position"
-    out["protocol"] = (f"in-context swap, change of {'KL(parent || model)' if cfg.metric == 'kl' else 'LM-loss increase'}"
-                       f" on {len(tokens)} calibration sequences of {tokens.shape[1]} tokens, {pos}")
+    what = "KL(parent || model)" if cfg.metric == "kl" else "LM-loss increase"
+    out["protocol"] = (f"in-context swap, change of {what} on {len(tokens)} calibration sequences of "
+                       f"{tokens.shape[1]} tokens, {pos}")
     return out
 
 

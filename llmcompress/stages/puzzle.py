@@ -146,8 +146,9 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
                                       "windows (at least puzzle_bld's num_samples, so they are held out)")
     context_num_samples: int = Field(4, gt=0, description="calibration windows of the in-context scores")
     context_positions: int | None = Field(64, gt=0, description="score the last N positions of each window")
-    context_max_changed: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 3, 4, 6, 8], min_length=1, description="trust regions: per "
-                                           "round, one candidate changing at most k layers for each k")
+    context_max_changed: list[Annotated[int, Field(gt=0)]] = Field(
+        [1, 2, 3, 4, 6, 8], min_length=1, description="trust regions: per round, one candidate changing at most k "
+        "layers for each k")
 
     def run(self, graph, ctx: StageContext):
         lib = load_library(self.folder / SCORED)
