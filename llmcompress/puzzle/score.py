@@ -160,20 +160,32 @@ def score_blocks(graph: ModelGraph, library: BlockLibrary, tokens: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- in context
+def _references(parent: ModelGraph, batches: list[torch.Tensor], cfg: ScoreConfig) -> list[tuple]:
+    """Per batch ids [B, S]: (parent log-probs [B, P, V], None) for metric kl, (None, parent LM loss) for lm_loss."""
+    refs = []
+    for ids in batches:
+        logits = parent(ids).logits[:, -cfg.positions:] if cfg.positions else parent(ids).logits
+        refs.append((F.log_softmax(logits.float(), -1), None) if cfg.metric == "kl" else (None, lm_loss(logits, ids)))
+    return refs
+
+
+def _score(logits: torch.Tensor, ids: torch.Tensor, ref: tuple, metric: str) -> float:
+    """KL(parent || model) or the LM-loss increase on one batch. logits: [B, P, V], ref: from _references"""
+    if metric == "kl":
+        return kl_logp(ref[0], F.log_softmax(logits.float(), -1)).item()
+    return (lm_loss(logits, ids) - ref[1]).item()
+
+
 @torch.no_grad()
 def model_score(parent: ModelGraph, model: ModelGraph, tokens: torch.Tensor, cfg: ScoreConfig) -> float:
     """The whole model's score on tokens [N, S] under the scoring protocol: mean KL(parent || model) over the
     scored positions (metric kl) or its LM loss minus the parent's (metric lm_loss)."""
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in tokens.split(cfg.batch_size)]
     total = 0.0
-    for ids in tokens.split(cfg.batch_size):
-        ids = ids.to(next(model.parameters()).device)
-        ref, logits = parent(ids).logits, model(ids).logits
-        if cfg.positions:
-            ref, logits = ref[:, -cfg.positions:], logits[:, -cfg.positions:]
-        if cfg.metric == "kl":
-            total += kl_div(ref, logits).item() * len(ids)
-        else:
-            total += (lm_loss(logits, ids) - lm_loss(ref, ids)).item() * len(ids)
+    for ids, ref in zip(batches, _references(parent, batches, cfg)):
+        logits = model(ids).logits
+        total += _score(logits[:, -cfg.positions:] if cfg.positions else logits, ids, ref, cfg.metric) * len(ids)
     return total / len(tokens)
 
 
@@ -195,19 +207,10 @@ def score_in_context(parent: ModelGraph, model: ModelGraph, library: BlockLibrar
     device = next(model.parameters()).device
     folder = Path(bld_folder) if bld_folder is not None else None
     batches = [b.to(device) for b in tokens.split(cfg.batch_size)]
-    refs = []  # per batch: (parent log-probs [B, P, V] for kl, None) or (None, parent LM loss) for lm_loss
-    for ids in batches:
-        logits = parent(ids).logits[:, -cfg.positions:] if cfg.positions else parent(ids).logits
-        refs.append((F.log_softmax(logits.float(), -1), None) if cfg.metric == "kl" else (None, lm_loss(logits, ids)))
+    refs = _references(parent, batches, cfg)
     inputs = first_layer_inputs(model, tokens, cfg.batch_size, device)  # per batch (x [B, S, D], cos, sin)
-
-    def score(logits: torch.Tensor, ids: torch.Tensor, ref) -> float:  # logits: [B, P, V]
-        if cfg.metric == "kl":
-            return kl_logp(ref[0], F.log_softmax(logits.float(), -1)).item()
-        return (lm_loss(logits, ids) - ref[1]).item()
-
     L = len(choice)
-    base = sum(score(_tail(model, 0, x, cos, sin, cfg.positions), ids, ref) * len(ids)
+    base = sum(_score(_tail(model, 0, x, cos, sin, cfg.positions), ids, ref, cfg.metric) * len(ids)
                for (x, cos, sin), ids, ref in zip(inputs, batches, refs)) / len(tokens)
     out = {"attention": [], "ffn": [], "base": base, "trained": {"attention": [], "ffn": []}}
     per_layer = len(library.attention) + len(library.ffn) - 2
@@ -235,7 +238,7 @@ def score_in_context(parent: ModelGraph, model: ModelGraph, library: BlockLibrar
         for (x, cos, sin), ids, ref in zip(inputs, batches, refs):
             for part, name, layer in candidates:
                 logits = _tail(model, i + 1, layer(x, cos, sin, None, None), cos, sin, cfg.positions)
-                totals[(part, name)] += score(logits, ids, ref) * len(ids)
+                totals[(part, name)] += _score(logits, ids, ref, cfg.metric) * len(ids)
             x.copy_(current(x, cos, sin, None, None))  # the next layer's input, in place
         for part in PARTS:
             out[part].append([totals[(part, variant_name(v))] / len(tokens) - base
@@ -252,10 +255,11 @@ def score_in_context(parent: ModelGraph, model: ModelGraph, library: BlockLibrar
 
 def context_matrix(lib: dict, scores: dict) -> list[list[float]]:
     """In-context scores (score_in_context) as the MIP's objective over the scored library's blocks. -> [L][V]"""
-    att = [dict(zip(layer["attention"], s)) for layer, s in zip(lib["layers"], scores["attention"])]
-    ffn = [dict(zip(layer["ffn"], s)) for layer, s in zip(lib["layers"], scores["ffn"])]
-    return [[att[l][b["name"].split("+")[0]] + ffn[l][b["name"].split("+")[1]] for b in layer["blocks"]]
-            for l, layer in enumerate(lib["layers"])]
+    out = []
+    for layer, sa, sf in zip(lib["layers"], scores["attention"], scores["ffn"]):
+        att, ffn = dict(zip(layer["attention"], sa)), dict(zip(layer["ffn"], sf))
+        out.append([att[a] + ffn[f] for a, f in (b["name"].split("+") for b in layer["blocks"])])
+    return out
 
 
 # ----------------------------------------------------------------------------- costs

@@ -24,10 +24,10 @@ from pydantic import Field
 
 from llmcompress.hardware import load_table, profile, save_table
 from llmcompress.puzzle.bld import BLDConfig, run_bld
+from llmcompress.puzzle.context import search_in_context
 from llmcompress.puzzle.gkd import GKDConfig, assemble, train_gkd
 from llmcompress.puzzle.library import BlockLibrary, LibraryConfig, build_library, variant_name
 from llmcompress.puzzle.mip import Budgets, search
-from llmcompress.puzzle.context import search_in_context
 from llmcompress.puzzle.score import ScoreConfig, block_of, load_library, save_library, score_blocks, scored_library
 from llmcompress.stages.base import Stage, StageContext
 
