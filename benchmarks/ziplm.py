@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", type=int, default=2)
     ap.add_argument("--normalise", default="output", choices=["residual", "output", "none"],
                     help="how per-layer OBS errors are made comparable across layers")
+    ap.add_argument("--search-steps", type=int, default=0,
+                    help="sensitivity-search steps per target (SPDY-style weights on the DP's errors; 0: plain DP)")
+    ap.add_argument("--search-threads", type=int, default=0,
+                    help="torch threads of the sensitivity search (0: --threads); latencies always use --threads")
     ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
@@ -74,7 +78,9 @@ def main(argv=None) -> int:
     speedups = [float(s) for s in args.speedups.split(",")]
     seq_len, samples, windows = (128, 8, 4) if args.smoke else (512, args.num_samples, args.ppl_windows)
     cfg = ZipLMConfig(speedups=speedups, metric=args.metric, num_samples=samples, seq_len=seq_len,
-                      refine=args.refine, normalise=args.normalise)
+                      refine=args.refine, normalise=args.normalise, search_steps=args.search_steps,
+                      search_threads=args.search_threads, **(dict(search_seq_len=64, search_positions=16)
+                                                             if args.smoke else {}))
     graph = load("default")
     data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
     corpus = Corpus(DataConfig(source=str(data), heldout_rows=200, seq_len=512), graph.tokenizer, cache=cache_dir())
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
              "measured": row["measured_speedup"], "params": row["params"], "perplexity": ppl(row["model"]),
              f"measured_{other}": measured_speedup(graph, row["model"], other, cfg.batch, table,
                                                    cfg.measure_rounds)["speedup"],
-             "choice": row["choice"], "rounds": row["rounds"],
+             "choice": row["choice"], "rounds": row["rounds"], "search": row.get("search"),
              "uniform": {"kv_groups": uni["kv_groups"], "ffn": uni["ffn"], "params": uni["params"],
                          "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
         results.append((r, row["model"], uni["model"]))
@@ -145,6 +151,16 @@ def main(argv=None) -> int:
                          f"{r[f'measured_{other}']:.3f}x | {r['params']:,} | {r['perplexity']:.2f} "
                          f"({r['perplexity'] / d:.2f}x) | {u['kv_groups']}, {u['ffn']} | {u['measured']:.3f}x | "
                          f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
+        searched = [r for r, _, _ in results if r["search"]]
+        if searched:
+            lines += ["", f"Sensitivity search ({args.search_steps} steps per target; "
+                          f"{searched[0]['search']['protocol']}):", "",
+                      "| target | KL plain DP | KL after search | distinct models scored | improvements kept |",
+                      "|---|--:|--:|--:|--:|"]
+            for r in searched:
+                sr = r["search"]
+                lines.append(f"| {r['target']:g}x | {sr['start_loss']:.4f} | {sr['loss']:.4f} | {sr['evaluations']} | "
+                             f"{sr['accepted']} |")
         if distill:
             lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
                           "per-layer hidden cosine + logit KL"

@@ -4,6 +4,8 @@
 2. Costs: the latency of every (layer part, level) from the cost table of the target device.
 3. Search: per target speed-up s, minimise the summed (normalised) error subject to
        head + Σ_layers (attn + ffn - empty) <= dense / s        (exact DP over discretised time)
+   Optionally (`search_steps`) the per-part errors are first weighted by a sensitivity search that tunes the
+   weights on the stitched model's KL to the dense model (`sensitivity.sensitivity_search`, SPDY-style).
 4. Realise each choice (optionally re-running OBS on inputs propagated through the pruned layers).
 5. Optionally measure each realised model on this device and, when the measured speed-up misses the target,
    rescale the budget by measured / requested and search again (`refine` rounds): the table predicts relative
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llmcompress.models.graph import AttentionConfig, ModelGraph, count_params
 from llmcompress.prune.database import Database, part_costs, part_errors, realise, realise_uniform
 from llmcompress.prune.search import KnapsackDP
+from llmcompress.prune.sensitivity import KLProbe, sensitivity_search, torch_threads, weighted
 
 Progress = Callable[[str, int, int], None]
 
@@ -53,6 +56,18 @@ class ZipLMConfig(BaseModel):
     percdamp: float = Field(0.01, gt=0)
     batch_size: int = Field(8, gt=0)
     buckets: int = Field(20000, gt=100, description="resolution of the DP's time axis")
+    search_steps: int = Field(0, ge=0, description="steps of the sensitivity search per target (SPDY-style "
+                                                   "weights on the DP's per-part errors, tuned on the stitched "
+                                                   "model's KL to the dense one; 0: the plain DP)")
+    search_samples: int = Field(8, gt=0, description="sensitivity search: calibration sequences it scores on")
+    search_seq_len: int = Field(256, gt=1, description="sensitivity search: tokens per scored sequence")
+    search_positions: int = Field(128, ge=0, description="sensitivity search: scored last positions (0: all)")
+    search_spread: float = Field(2.0, ge=1, description="sensitivity search: weights resampled in [1/s, s]")
+    search_mutate: float = Field(0.1, gt=0, le=1, description="sensitivity search: largest fraction of parts "
+                                                                 "resampled per step")
+    search_seed: int = Field(0, description="sensitivity search: random seed")
+    search_threads: int = Field(0, ge=0, description="torch threads for the sensitivity search (0: unchanged); "
+                                                     "timings keep the caller's setting")
     gradual: bool = Field(False, description="reach the targets in sequence, distilling from the dense model "
                                              "between them (module doc)")
     gradual_tokens: int = Field(65536, ge=0, description="gradual: distillation tokens after each target")
@@ -126,12 +141,25 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
     def timed(model: ModelGraph) -> dict | None:
         return measured_speedup(ref_graph, model, cfg.metric, cfg.batch, cost_model.table, cfg.measure_rounds) \
             if measure else None
+    probe = None
     results = []
     for n, target in enumerate(cfg.speedups):
         budget = dense_pred / target
+        search, target_dp = None, dp
+        if cfg.search_steps and tokens is not None:
+            with torch_threads(cfg.search_threads):
+                if probe is None:  # the reference's log-probs once for all targets
+                    probe = KLProbe(ref_graph, tokens[:cfg.search_samples, :cfg.search_seq_len],
+                                    cfg.search_positions, cfg.batch_size)
+                search = sensitivity_search(
+                    costs, errors, budget - constant, lambda ch: probe(realise(graph, db, layer_choice(db, ch))),
+                    cfg.search_steps, cfg.search_spread, cfg.search_mutate, cfg.search_seed, cfg.buckets, progress)
+            # refinement rounds rescale the budget and keep the tuned weights
+            target_dp = KnapsackDP(costs, weighted(errors, search["weights"]), cfg.buckets)
         rounds, tried = [], []
         for r in range(cfg.refine + 1 if measure else 1):
-            sol = dp.solve(budget - constant)
+            sol = target_dp.solve(budget - constant)
+            sol.error = sum(errors[p][o] for p, o in enumerate(sol.choice))  # the unweighted error
             choice = layer_choice(db, sol.choice)
             model = realise(graph, db, choice)  # latency does not depend on the weights: the quick realisation
             pred = dense_pred / (constant + sol.cost)
@@ -157,6 +185,13 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
                "measured_speedup": meas, "predicted_ms": constant + sol.cost, "dense_predicted_ms": dense_pred,
                "dense_measured_ms": timing["reference_ms"] if timing else None, "error": sol.error, "params": count_params(model),
                "rounds": rounds}
+        if search is not None:
+            row["search"] = {k: search[k] for k in ("start_loss", "loss", "evaluations", "accepted", "weights")} | {
+                "steps": cfg.search_steps,
+                "protocol": f"KL(dense || stitched model) on {min(cfg.search_samples, len(tokens))} calibration "
+                            f"sequences of {min(cfg.search_seq_len, tokens.shape[1])} tokens, last "
+                            f"{cfg.search_positions or 'all'} positions; database weights, before the sequential "
+                            "realisation"}
         if uniform:
             a, f = uniform_for_budget(db, costs, errors, constant, budget)
             base = realise_uniform(graph, db, a, f)
