@@ -467,6 +467,9 @@ def prune(
     cost_table: Annotated[Optional[Path], typer.Option(help="ziplm: cost table of the target device (llmcompress "
                                                             "profile); default: profile the model here first")] = None,
     refine: Annotated[int, typer.Option(help="ziplm: rounds of measuring each model and correcting its budget")] = 1,
+    search_steps: Annotated[int, typer.Option(help="ziplm: sensitivity-search steps per target (weights on the "
+                                                   "DP's errors tuned on the model's KL to the dense one; 0: off)")]
+    = 0,
     gradual: Annotated[bool, typer.Option(help="ziplm: reach the targets in sequence, distilling from the dense "
                                                "model after each (hidden-state MSE + logit KL)")] = False,
     gradual_tokens: Annotated[int, typer.Option(help="ziplm --gradual: distillation tokens after each target")]
@@ -490,7 +493,7 @@ def prune(
     with user_errors():
         if method == "ziplm":
             _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
-                   percdamp, speedups, metric, cost_table, refine, gradual, gradual_tokens)
+                   percdamp, speedups, metric, cost_table, refine, gradual, gradual_tokens, search_steps)
             return
         from llmcompress.oneshot import PruneConfig, check_prunable, prune_model
 
@@ -501,7 +504,8 @@ def prune(
 
 
 def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
-           percdamp, speedups, metric, cost_table, refine, gradual=False, gradual_tokens=65536) -> None:
+           percdamp, speedups, metric, cost_table, refine, gradual=False, gradual_tokens=65536,
+           search_steps=0) -> None:
     from llmcompress.data import Corpus, DataConfig
     from llmcompress.hardware.profile import load_table, save_table
     from llmcompress.models import load
@@ -517,7 +521,7 @@ def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_
         raise UserError(f"--speedups {speedups!r} must be comma-separated numbers, e.g. 1.25,1.5,2.0") from None
     cfg = ZipLMConfig(speedups=targets, metric=metric, num_samples=num_samples, seq_len=seq_len,
                       batch_size=batch_size, percdamp=percdamp, refine=refine, gradual=gradual,
-                      gradual_tokens=gradual_tokens)
+                      gradual_tokens=gradual_tokens, search_steps=search_steps)
     if out.exists() and any(out.iterdir()) and not overwrite and not (out / "database").exists():
         raise FileExistsError(f"{out} exists and is not a ZipLM output; pass --overwrite or choose another folder")
     table = load_table(cost_table) if cost_table is not None else None
@@ -537,11 +541,15 @@ def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_
     _write_json_atomic(out / "report.json", report)
     mode = f"gradual, {gradual_tokens:,} distillation tokens per target" if gradual else "one-shot"
     t = Table(title=f"ZipLM on {report['device']} ({metric}, batch {cfg.batch}; {mode})", title_justify="left")
-    for col in ("target", "predicted", "measured", "params", "checkpoint"):
+    searched = any(m.get("search") for m in report["models"])
+    for col in ("target", "predicted", "measured", "params") + (("search KL",) if searched else ()) + (
+            "checkpoint",):
         t.add_column(col, justify="right")
     for m in report["models"]:
         meas = f"{m['measured_speedup']:.2f}x" if m["measured_speedup"] else "-"
-        t.add_row(f"{m['target_speedup']:g}x", f"{m['predicted_speedup']:.2f}x", meas, f"{m['params']:,}",
+        kl = (f"{m['search']['start_loss']:.3f} -> {m['search']['loss']:.3f}" if m.get("search") else "-",) \
+            if searched else ()
+        t.add_row(f"{m['target_speedup']:g}x", f"{m['predicted_speedup']:.2f}x", meas, f"{m['params']:,}", *kl,
                   m["checkpoint"])
     out_console.print(t)
 

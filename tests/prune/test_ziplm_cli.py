@@ -66,8 +66,20 @@ def test_ziplm_cli_writes_one_checkpoint_per_target(tiny_hf_dir, corpus_file, ta
     assert json.loads((out / "report.json").read_text())["models"][0]["choice"] == report["models"][0]["choice"]
 
 
+def test_ziplm_cli_sensitivity_search_is_reported(tiny_hf_dir, corpus_file, table_file, tmp_path):
+    out = tmp_path / "z"
+    r = call("prune", tiny_hf_dir, "--method", "ziplm", "--speedups", "1.3", "--cost-table", table_file,
+             "--data", corpus_file, "--heldout-rows", 10, "--num-samples", 4, "--seq-len", 16, "--refine", 0,
+             "--search-steps", 5, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "search KL" in " ".join(r.output.split()) and " -> " in r.output
+    s = json.loads((out / "report.json").read_text())["models"][0]["search"]
+    assert s["steps"] == 5 and s["loss"] <= s["start_loss"] and 1 <= s["evaluations"] <= 6
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--speedups", "fast"], "must be comma-separated numbers"),
+    (["--search-steps", "-1"], "search_steps"),
     (["--speedups", "0.5"], "speedups must be"),
     (["--metric", "throughput"], "metric"),
 ])
