@@ -168,7 +168,10 @@ def train_gkd(teacher: ModelGraph, student: ModelGraph, tokens: torch.Tensor, cf
     # a zero mse_weight is left out so checkpoints written before that field existed still resume
     skip = {"tokens", "checkpoint_every"} | ({"mse_weight"} if not cfg.mse_weight else set())
     identity = {"config": cfg.model_dump(exclude=skip), "steps": total,  # the lr schedule depends on it
-                "blocks": [b.describe() for b in blocks(student)], "tokens": _digest(tokens)}
+                "blocks": [b.describe() for b in blocks(student)], "tokens": _digest(tokens),
+                # the starting weights: a retrained block library or another pruning with the same shapes must not
+                # resume this run's checkpoint
+                "init": _fingerprint(params)}
     ckpt = Path(folder) / f"checkpoint-{_digest(identity)}" if folder is not None else None
     if ckpt is not None and (ckpt / "state.json").exists():
         state = _load(ckpt, identity, params, opt)
@@ -203,6 +206,15 @@ def train_gkd(teacher: ModelGraph, student: ModelGraph, tokens: torch.Tensor, cf
                         f"with replacement; loss = {cfg.cosine_weight} cosine + {cfg.mse_weight} MSE + "
                         f"{cfg.kl_weight} KL + "
                         f"{cfg.lm_weight} LM"}
+
+
+def _fingerprint(params: dict[str, torch.Tensor]) -> str:
+    """A digest of the weights' names, shapes, sums and absolute sums to 6 significant digits: it tells one
+    starting point from another without hashing every byte, and ignores last-bit noise of a rebuilt model."""
+    with torch.no_grad():
+        rows = [[name, list(p.shape), f"{p.double().sum().item():.6g}", f"{p.double().abs().sum().item():.6g}"]
+                for name, p in params.items()]
+    return _digest(rows)
 
 
 def _digest(obj) -> str:

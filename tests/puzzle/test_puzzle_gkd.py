@@ -103,15 +103,28 @@ def test_gkd_trains_resumes_and_saves(parent, library, bld_dir, tmp_path):
     assert (ckpt / "state.safetensors").exists()
     losses = [h["loss"] for h in first["history"]]
     assert losses[-1] < losses[0]
-    # the same run again resumes at its end; another budget starts afresh (the cosine schedule spans the budget):
-    # a smaller one must not hand back a model trained past it, a larger one must not restart a decayed schedule
-    again = train_gkd(parent, child, tokens, cfg, tmp_path)
+    # the same run again (from the same starting weights) resumes at its end and hands back the trained weights;
+    # another budget starts afresh (the cosine schedule spans the budget): a smaller one must not hand back a model
+    # trained past it, a larger one must not restart a decayed schedule
+    def start():
+        return assemble(parent, library, mixed_choice(library), bld_dir)[0]
+
+    again_model = start()
+    again = train_gkd(parent, again_model, tokens, cfg, tmp_path)
     assert again["resumed_from"] == 4 and again["step"] == 4
+    for a, b in zip(child.parameters(), again_model.parameters()):
+        assert torch.equal(a, b)
     for n in (3, 6):
-        other = train_gkd(parent, child, tokens, cfg.model_copy(update={"tokens": n * 2 * 32}), tmp_path)
+        other = train_gkd(parent, start(), tokens, cfg.model_copy(update={"tokens": n * 2 * 32}), tmp_path)
         assert other["resumed_from"] == 0 and other["step"] == n
-    other = train_gkd(parent, child, tokens, cfg.model_copy(update={"lr": 1e-4, "tokens": 64}), tmp_path)
-    assert other["resumed_from"] == 0 and len(list(tmp_path.glob("checkpoint-*"))) == 4  # other settings: afresh
+    other = train_gkd(parent, start(), tokens, cfg.model_copy(update={"lr": 1e-4, "tokens": 64}), tmp_path)
+    assert other["resumed_from"] == 0  # other settings: afresh
+    # the same shapes and settings from other starting weights (a retrained block, another pruning): afresh too
+    moved = start()
+    with torch.no_grad():
+        moved.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    other = train_gkd(parent, moved, tokens, cfg, tmp_path)
+    assert other["resumed_from"] == 0 and len(list(tmp_path.glob("checkpoint-*"))) == 5
     # deployable: Nemotron-NAS layout, reloads with the same outputs
     out = save(child, tmp_path / "model")
     config = json.loads((out / "config.json").read_text())
