@@ -7,6 +7,12 @@ same budget, then optionally global distillation (per-layer hidden cosine + logi
 with the same token budget for both. Writes benchmarks/results/ziplm.{json,md}.
 
     python benchmarks/ziplm.py [--threads 1] [--speedups 1.25,1.5,2.0] [--distill-tokens 0] [--smoke]
+
+A run's one-shot phase (profile, database, search, measurements) takes most of an hour; `--reuse NAME` takes it from
+benchmarks/results/NAME.json instead: the models are rebuilt from the recorded choices (checked against the recorded
+perplexity), the distilled rows already there are kept, and only the models still missing are distilled:
+
+    python benchmarks/ziplm.py --reuse ziplm-search --distill-tokens 294912 --distill-targets 1.25 --distill-models uniform
 """
 
 from __future__ import annotations
@@ -39,7 +45,14 @@ def main(argv=None) -> int:
                     help="sensitivity-search steps per target (SPDY-style weights on the DP's errors; 0: plain DP)")
     ap.add_argument("--search-threads", type=int, default=0,
                     help="torch threads of the sensitivity search (0: --threads); latencies always use --threads")
-    ap.add_argument("--name", default="ziplm", help="results file name under benchmarks/results")
+    ap.add_argument("--name", default="", help="results file name under benchmarks/results (default: ziplm, or the "
+                                                   "--reuse name)")
+    ap.add_argument("--reuse", default="",
+                    help="results name of an earlier run whose one-shot phase (and distilled rows) are reused; its "
+                         "one-shot settings replace this command's")
+    ap.add_argument("--redistill", action="store_true",
+                    help="with --reuse: distill the --distill-models again even where the reused run has them "
+                         "(to time a budget on the same day as its comparison)")
     ap.add_argument("--distill-tokens", type=int, default=0, help="GKD token budget per model (0: one-shot only)")
     ap.add_argument("--distill-targets", default="1.25,1.5", help="targets whose models are distilled")
     ap.add_argument("--distill-models", default="ziplm,uniform",
@@ -60,6 +73,21 @@ def main(argv=None) -> int:
         ap.error(f"--distill-models {args.distill_models!r}: name ziplm, uniform or ziplm,uniform")
     if args.distill_lm < 0:
         ap.error(f"--distill-lm {args.distill_lm:g}: a loss weight is 0 or more")
+    prior = None
+    out = Path(args.work) if args.smoke else RESULTS  # smoke results stay out of benchmarks/results
+    if args.reuse:
+        path = out / f"{args.reuse}.json"
+        if not path.exists():
+            ap.error(f"--reuse {args.reuse}: no {path}; name a results file of an earlier run (without .json)")
+        if args.gradual_tokens:
+            ap.error("--gradual-tokens prunes from scratch: run it without --reuse")
+        prior = json.loads(path.read_text())
+        if prior.get("benchmark") != "ziplm" or not prior.get("results") or prior["settings"]["smoke"] != args.smoke:
+            ap.error(f"--reuse {args.reuse}: {path.name} holds no ZipLM one-shot results"
+                     + (" of a --smoke run" if args.smoke else " of a full run"))
+        for key in ONE_SHOT_KEYS:  # the rebuilt models are the recorded ones only under the recorded settings
+            setattr(args, key, prior["settings"][key])
+    args.name = args.name or args.reuse.removesuffix("-smoke") or "ziplm"
     torch.set_num_threads(args.threads)
 
     from llmcompress.data import Corpus, DataConfig
@@ -68,7 +96,7 @@ def main(argv=None) -> int:
     from llmcompress.models import load
     from llmcompress.models.graph import count_params
     from llmcompress.models.loading import cache_dir
-    from llmcompress.prune.database import build_database, default_levels
+    from llmcompress.prune.database import build_database, default_levels, realise, realise_uniform
     from llmcompress.prune.ziplm_family import (ZipLMConfig, measure_latency, measured_speedup, profile_for,
                                                  prune_family)
 
@@ -92,6 +120,29 @@ def main(argv=None) -> int:
 
     timings = {}
     t0 = time.perf_counter()
+    if prior is not None:
+        one_shot = prior.get("one_shot_settings", prior["settings"])
+        table_info = {"device": one_shot["cost_table_device"], "clock": one_shot["table_clock"],
+                      # results written before this field was recorded were all profiled with 512-token prompts
+                      "prompt_len": one_shot.get("table_prompt_len", 512)}
+        db = build_database(graph, tokens, default_levels(graph.config.intermediate_size, cfg.ffn_steps,
+                                                          cfg.ffn_multiple), folder=work / f"database-{samples}x{seq_len}")
+        dense, results = prior["dense"], []
+        for r in prior["results"]:
+            choice = [tuple(c) for c in r["choice"]]
+            zmodel = realise(graph, db, choice, tokens, cfg.batch_size) if cfg.sequential else realise(graph, db, choice)
+            u = r["uniform"]
+            umodel = realise_uniform(graph, db, u["kv_groups"], u["ffn"])
+            for what, model, want in (("ZipLM", zmodel, r["perplexity"]), ("uniform", umodel, u["perplexity"])):
+                got = ppl(model)
+                if abs(got / want - 1) > 0.005:
+                    raise SystemExit(f"--reuse {args.reuse}: the rebuilt {what} {r['target']:g}x model has "
+                                     f"perplexity {got:.3f}, recorded {want:.3f}; the code or data changed since "
+                                     "that run: rerun its one-shot phase")
+            results.append((r, zmodel, umodel))
+        timings = prior["timings"] | {"rebuild_s": time.perf_counter() - t0}
+        return finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_info, timings, which,
+                      samples, seq_len, windows, work, t_all)
     table_path = work / f"cost_table-{args.clock}-{args.threads}t{'-smoke' if args.smoke else ''}.json"
     if table_path.exists():
         table = load_table(table_path)
@@ -110,10 +161,11 @@ def main(argv=None) -> int:
     rows = prune_family(graph, db, CostModel(table), cfg, tokens, measure=True, uniform=True)
     timings["search_realise_measure_s"] = time.perf_counter() - t0
 
+    table_info = {"device": table.device, "clock": table.settings.clock, "prompt_len": table.settings.prompt_len}
     dense = {"params": count_params(graph), "perplexity": ppl(graph),
              "latency_ms": measure_latency(graph, cfg.metric, cfg.batch, table)}
     other = "prefill" if cfg.metric == "decode" else "decode"
-    dense_other = measure_latency(graph, other, cfg.batch, table)  # reported beside the dense latency
+    dense[f"{other}_ms"] = measure_latency(graph, other, cfg.batch, table)  # reported beside the dense latency
     results = []
     for row in rows:
         uni = row["uniform"]
@@ -125,20 +177,56 @@ def main(argv=None) -> int:
              "uniform": {"kv_groups": uni["kv_groups"], "ffn": uni["ffn"], "params": uni["params"],
                          "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
         results.append((r, row["model"], uni["model"]))
+    return finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_info, timings, which, samples,
+                  seq_len, windows, work, t_all, tokens=tokens, table=table)
+
+
+def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_info, timings, which, samples, seq_len,
+           windows, work, t_all, tokens=None, table=None) -> int:
+    """Distillation, gradual mode and the report; `results` holds (row, ZipLM model, uniform model) per target."""
+    from llmcompress.hardware.cost_model import CostModel
+    from llmcompress.prune.ziplm_family import measured_speedup
+
+    out = work if args.smoke else RESULTS
+    js_path = out / f"{args.reuse}.json"
+    command = "python benchmarks/ziplm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if prior is None:
+        commands, one_shot_commit = [command], git_commit()
+        one_shot_settings = vars(args) | {"cost_table_device": table_info["device"],
+                                          "table_clock": table_info["clock"],
+                                          "table_prompt_len": table_info["prompt_len"]}
+    else:
+        commands = prior.get("commands") or [_reproduce_line(js_path.with_suffix(".md"))]
+        commands = commands + [command]
+        one_shot_commit = prior.get("one_shot_commit", prior["commit"])
+        one_shot_settings = prior.get("one_shot_settings", prior["settings"])
+    other = "prefill" if cfg.metric == "decode" else "decode"
+    distill = [dict(e) for e in prior.get("distill", [])] if prior is not None else []
+    gradual = list(prior.get("gradual", [])) if prior is not None else []
+    for e in distill:  # rows written before distilled rows named their commit came from the one-shot run
+        for key in ("ziplm", "uniform"):
+            if e.get(key) is not None:
+                e[key].setdefault("commit", prior["commit"])
 
     def report_out() -> None:
         wall = time.perf_counter() - t_all
         report = {"benchmark": "ziplm", "commit": git_commit(), "machine": machine(), "wall_s": wall,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "settings": vars(args) | {"cost_table_device": table.device, "table_clock": table.settings.clock,
+                  "settings": vars(args) | {"cost_table_device": table_info["device"],
+                                            "table_clock": table_info["clock"],
+                                            "table_prompt_len": table_info["prompt_len"],
                                             "calibration": f"{samples} x {seq_len} tokens (first 800 rows)",
                                             "perplexity": f"{windows} windows of 512 tokens from the last 200 rows"},
-                  "timings": timings, "dense": dense | {f"{other}_ms": dense_other},
+                  "one_shot_commit": one_shot_commit, "one_shot_settings": one_shot_settings, "commands": commands,
+                  "timings": timings, "dense": dense,
                   "results": [r for r, _, _ in results], "distill": distill, "gradual": gradual}
         lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
                  f"(errors normalised: {args.normalise})\n",
-                 f"commit {report['commit']}, {report['machine']['cpu']}, {args.threads} torch thread(s), "
-                 f"{args.clock} clock; whole run {wall / 60:.1f} min, peak RSS {report['peak_rss_mb']:.0f} MB\n",
+                 f"commit {one_shot_commit} (one-shot phase), {report['machine']['cpu']}, {args.threads} torch "
+                 f"thread(s), {args.clock} clock; "
+                 + (f"whole run {wall / 60:.1f} min" if prior is None else
+                    f"this run (at {report['commit']}, reusing the one-shot phase) {wall / 60:.1f} min")
+                 + f", peak RSS {report['peak_rss_mb']:.0f} MB\n",
                  f"Dense: {dense['params']:,} params, held-out perplexity {dense['perplexity']:.2f}, "
                  f"{cfg.metric} {dense['latency_ms']:.1f} ms.\n",
                  f"| target | ZipLM predicted | ZipLM measured | measured {other} | ZipLM params | ZipLM ppl (x dense) | "
@@ -165,7 +253,8 @@ def main(argv=None) -> int:
             lines += ["", f"After global distillation ({args.distill_tokens:,} tokens each, batch 4 x {seq_len}, "
                           "per-layer hidden cosine + logit KL"
                           + (f" + {args.distill_lm:g} x LM loss" if args.distill_lm else "") + "):", "",
-                      "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each |", "|---|--:|--:|--:|"]
+                      "| target | ZipLM ppl (x dense) | uniform ppl (x dense) | minutes each | commit |",
+                      "|---|--:|--:|--:|---|"]
 
             def cell(e, key):
                 return "not run" if e[key] is None else f"{e[key]['perplexity']:.2f} ({e[key]['perplexity'] / d:.2f}x)"
@@ -174,8 +263,9 @@ def main(argv=None) -> int:
                 return "-" if e[key] is None else f"{e[key]['seconds'] / 60:.1f}"
 
             for e in distill:
+                commits = " / ".join(e[k]["commit"] if e[k] is not None else "-" for k in ("ziplm", "uniform"))
                 lines.append(f"| {e['target']:g}x | {cell(e, 'ziplm')} | {cell(e, 'uniform')} | "
-                             f"{minutes(e, 'ziplm')} / {minutes(e, 'uniform')} |")
+                             f"{minutes(e, 'ziplm')} / {minutes(e, 'uniform')} | {commits} |")
         if gradual:
             lines += ["", f"Gradual mode ({args.gradual_tokens:,} distillation tokens after each target, normalised "
                           "hidden MSE + logit KL from the dense model; each target pruned from the previous one):", "",
@@ -186,19 +276,18 @@ def main(argv=None) -> int:
                              f"{e['perplexity']:.2f} ({e['perplexity'] / d:.2f}x) | {e['cumulative_tokens']:,} |")
         lines += ["", f"- calibration: {report['settings']['calibration']}; perplexity: {report['settings']['perplexity']}",
                   f"- speed-ups: dense / pruned latency, measured end to end (`measure_model`, batch 1, prompt "
-                  f"{table.settings.prompt_len}) with the cost table's clock, dense and pruned timed back to back "
+                  f"{table_info['prompt_len']}) with the cost table's clock, dense and pruned timed back to back "
                   f"in {cfg.measure_rounds} rounds (median ratio); predicted from the table "
-                  f"({table.device}); refinement rounds: {args.refine}",
+                  f"({table_info['device']}); refinement rounds: {args.refine}",
                   f"- timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}",
-                  "- reproduce: `python benchmarks/ziplm.py " + " ".join(argv or sys.argv[1:]) + "`"]
+                  "- reproduce: " + ", then ".join(f"`{c}`" for c in commands)]
         md = "\n".join(lines) + "\n"
         name = args.name + ("-smoke" if args.smoke else "")
-        js, mdp = write_results(name, report, md, out=work if args.smoke else RESULTS)
+        js, mdp = write_results(name, report, md, out=out)
         print(md)
         print(f"written {js} and {mdp}")
 
 
-    distill, gradual = [], []
     report_out()  # the one-shot table now; rewritten after each distilled model
     if args.distill_tokens:
         torch.set_num_threads(args.train_threads or args.threads)
@@ -212,17 +301,21 @@ def main(argv=None) -> int:
             if not match:
                 continue
             r, zmodel, umodel = match[0]
-            entry = {"target": target}
+            old = [e for e in distill if abs(e["target"] - target) < 1e-9]
+            entry = old[0] if old else {"target": target, "ziplm": None, "uniform": None}
+            if not old:
+                distill.append(entry)
             for name, model in (("ziplm", zmodel), ("uniform", umodel)):
-                if name not in which:
-                    entry[name] = None
-                    continue
+                if name not in which or (entry[name] is not None and not args.redistill):
+                    continue  # not asked for, or kept from the reused run
                 t0 = time.perf_counter()
                 rep = train_gkd(graph, model, train, gcfg, folder=work / f"gkd-{name}-{target:g}")
                 entry[name] = {"perplexity": ppl(model), "seconds": time.perf_counter() - t0,
-                               "tokens": rep["tokens"], "steps": rep["step"]}
-            distill.append(entry)
-            report_out()
+                               "tokens": rep["tokens"], "steps": rep["step"], "resumed_from": rep["resumed_from"],
+                               "commit": git_commit(),
+                               "settings": {"tokens": args.distill_tokens, "lm": args.distill_lm,
+                                            "threads": args.train_threads or args.threads}}
+                report_out()
         torch.set_num_threads(args.threads)
 
     if args.gradual_tokens:
@@ -245,6 +338,18 @@ def main(argv=None) -> int:
 
     report_out()
     return 0
+
+
+ONE_SHOT_KEYS = ("threads", "clock", "speedups", "metric", "num_samples", "ppl_windows", "refine", "normalise",
+                 "search_steps", "search_threads")
+
+
+def _reproduce_line(md: Path) -> str:
+    """The command of a results file written before results recorded their commands."""
+    for line in md.read_text().splitlines() if md.exists() else []:
+        if line.startswith("- reproduce: `"):
+            return line.split("`")[1]
+    return "(not recorded)"
 
 
 if __name__ == "__main__":
