@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         dense, results = prior["dense"], []
         for r in prior["results"]:
             choice = [tuple(c) for c in r["choice"]]
-            zmodel = realise(graph, db, choice, tokens, cfg.batch_size) if cfg.sequential else realise(graph, db, choice)
+            zmodel = realise(graph, db, choice, tokens if cfg.sequential else None, cfg.batch_size)
             u = r["uniform"]
             umodel = realise_uniform(graph, db, u["kv_groups"], u["ffn"])
             for what, model, want in (("ZipLM", zmodel, r["perplexity"]), ("uniform", umodel, u["perplexity"])):
