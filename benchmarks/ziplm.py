@@ -43,6 +43,8 @@ def main(argv=None) -> int:
                     help="how per-layer OBS errors are made comparable across layers")
     ap.add_argument("--search-steps", type=int, default=0,
                     help="sensitivity-search steps per target (SPDY-style weights on the DP's errors; 0: plain DP)")
+    ap.add_argument("--error-scale", default="none", choices=["none", "removal_kl"],
+                    help="removal_kl: rescale each part's OBS errors to the dense model's KL without that part")
     ap.add_argument("--search-threads", type=int, default=0,
                     help="torch threads of the sensitivity search (0: --threads); latencies always use --threads")
     ap.add_argument("--name", default="", help="results file name under benchmarks/results (default: ziplm, or the "
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
             ap.error(f"--reuse {args.reuse}: {path.name} holds no ZipLM one-shot results"
                      + (" of a --smoke run" if args.smoke else " of a full run"))
         for key in ONE_SHOT_KEYS:  # the rebuilt models are the recorded ones only under the recorded settings
-            setattr(args, key, prior["settings"][key])
+            setattr(args, key, prior["settings"].get(key, ONE_SHOT_DEFAULTS.get(key)))
     args.name = args.name or args.reuse.removesuffix("-smoke") or "ziplm"
     torch.set_num_threads(args.threads)
 
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     seq_len, samples, windows = (128, 8, 4) if args.smoke else (512, args.num_samples, args.ppl_windows)
     cfg = ZipLMConfig(speedups=speedups, metric=args.metric, num_samples=samples, seq_len=seq_len,
                       refine=args.refine, normalise=args.normalise, search_steps=args.search_steps,
+                      error_scale=args.error_scale,
                       search_threads=args.search_threads, **(dict(search_seq_len=64, search_positions=16)
                                                              if args.smoke else {}))
     graph = load("default")
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
              f"measured_{other}": measured_speedup(graph, row["model"], other, cfg.batch, table,
                                                    cfg.measure_rounds)["speedup"],
              "choice": row["choice"], "rounds": row["rounds"], "search": row.get("search"),
+             "removal_kl": row.get("removal_kl"),
              "uniform": {"kv_groups": uni["kv_groups"], "ffn": uni["ffn"], "params": uni["params"],
                          "measured": uni["measured_speedup"], "perplexity": ppl(uni["model"])}}
         results.append((r, row["model"], uni["model"]))
@@ -221,7 +225,8 @@ def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_inf
                   "timings": timings, "dense": dense,
                   "results": [r for r, _, _ in results], "distill": distill, "gradual": gradual}
         lines = [f"# ZipLM: structured OBS to {cfg.metric} speed-up targets vs uniform width pruning "
-                 f"(errors normalised: {args.normalise})\n",
+                 f"(errors normalised: {args.normalise}"
+                 + (", scaled to removal KL" if args.error_scale == "removal_kl" else "") + ")\n",
                  f"commit {one_shot_commit} (one-shot phase), {report['machine']['cpu']}, {args.threads} torch "
                  f"thread(s), {args.clock} clock; "
                  + (f"whole run {wall / 60:.1f} min" if prior is None else
@@ -239,6 +244,18 @@ def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_inf
                          f"{r[f'measured_{other}']:.3f}x | {r['params']:,} | {r['perplexity']:.2f} "
                          f"({r['perplexity'] / d:.2f}x) | {u['kv_groups']}, {u['ffn']} | {u['measured']:.3f}x | "
                          f"{u['params']:,} | {u['perplexity']:.2f} ({u['perplexity'] / d:.2f}x) |")
+        scaled = [r for r, _, _ in results if r.get("removal_kl")]
+        if scaled:
+            kl = scaled[0]["removal_kl"]
+            lines += ["", "Errors scaled to each part's removal KL (KL(dense || dense without the part), the sensitivity "
+                          "search's calibration windows): attention " + ", ".join(f"{k:.3f}" for k in kl[0::2])
+                      + "; FFN " + ", ".join(f"{k:.3f}" for k in kl[1::2]) + " (layers 0..).",
+                      "", "| target | attention blocks removed | FFN blocks removed | KV groups kept (sum) | "
+                          "FFN channels kept (sum) |", "|---|--:|--:|--:|--:|"]
+            for r in scaled:
+                ch = r["choice"]
+                lines.append(f"| {r['target']:g}x | {sum(a == 0 for a, _ in ch)} | {sum(f == 0 for _, f in ch)} | "
+                             f"{sum(a for a, _ in ch)} | {sum(f for _, f in ch):,} |")
         searched = [r for r, _, _ in results if r["search"]]
         if searched:
             lines += ["", f"Sensitivity search ({args.search_steps} steps per target; "
@@ -341,7 +358,8 @@ def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_inf
 
 
 ONE_SHOT_KEYS = ("threads", "clock", "speedups", "metric", "num_samples", "ppl_windows", "refine", "normalise",
-                 "search_steps", "search_threads")
+                 "search_steps", "search_threads", "error_scale")
+ONE_SHOT_DEFAULTS = {"error_scale": "none"}  # settings that results written before them did not record
 
 
 def _reproduce_line(md: Path) -> str:

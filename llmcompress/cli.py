@@ -470,6 +470,9 @@ def prune(
     search_steps: Annotated[int, typer.Option(help="ziplm: sensitivity-search steps per target (weights on the "
                                                    "DP's errors tuned on the model's KL to the dense one; 0: off)")]
     = 0,
+    error_scale: Annotated[str, typer.Option(help="ziplm: none, or removal_kl (each part's errors scaled to the "
+                                                  "dense model's KL without that part: lets the search remove "
+                                                  "whole attention blocks where they matter little)")] = "none",
     gradual: Annotated[bool, typer.Option(help="ziplm: reach the targets in sequence, distilling from the dense "
                                                "model after each (hidden-state MSE + logit KL)")] = False,
     gradual_tokens: Annotated[int, typer.Option(help="ziplm --gradual: distillation tokens after each target")]
@@ -493,7 +496,8 @@ def prune(
     with user_errors():
         if method == "ziplm":
             _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
-                   percdamp, speedups, metric, cost_table, refine, gradual, gradual_tokens, search_steps)
+                   percdamp, speedups, metric, cost_table, refine, gradual, gradual_tokens, search_steps,
+                   error_scale)
             return
         from llmcompress.oneshot import PruneConfig, check_prunable, prune_model
 
@@ -505,7 +509,7 @@ def prune(
 
 def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_samples, seq_len, batch_size,
            percdamp, speedups, metric, cost_table, refine, gradual=False, gradual_tokens=65536,
-           search_steps=0) -> None:
+           search_steps=0, error_scale="none") -> None:
     from llmcompress.data import Corpus, DataConfig
     from llmcompress.hardware.profile import load_table, save_table
     from llmcompress.models import load
@@ -519,9 +523,11 @@ def _ziplm(model, out, overwrite, dtype, device, data, field, heldout_rows, num_
         targets = [float(x) for x in speedups.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--speedups {speedups!r} must be comma-separated numbers, e.g. 1.25,1.5,2.0") from None
+    if error_scale not in ("none", "removal_kl"):
+        raise UserError(f"--error-scale {error_scale!r}: choose none or removal_kl")
     cfg = ZipLMConfig(speedups=targets, metric=metric, num_samples=num_samples, seq_len=seq_len,
                       batch_size=batch_size, percdamp=percdamp, refine=refine, gradual=gradual,
-                      gradual_tokens=gradual_tokens, search_steps=search_steps)
+                      gradual_tokens=gradual_tokens, search_steps=search_steps, error_scale=error_scale)
     if out.exists() and any(out.iterdir()) and not overwrite and not (out / "database").exists():
         raise FileExistsError(f"{out} exists and is not a ZipLM output; pass --overwrite or choose another folder")
     table = load_table(cost_table) if cost_table is not None else None

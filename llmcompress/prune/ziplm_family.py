@@ -4,6 +4,9 @@
 2. Costs: the latency of every (layer part, level) from the cost table of the target device.
 3. Search: per target speed-up s, minimise the summed (normalised) error subject to
        head + Σ_layers (attn + ffn - empty) <= dense / s        (exact DP over discretised time)
+   Optionally (`error_scale: removal_kl`) each part's error curve is first rescaled so that removing the part
+   costs the dense model's KL without that part (Puzzle's replace-one-block score): OBS errors are local, so
+   without it an attention block and an FFN block that are each removed entirely look equally costly.
    Optionally (`search_steps`) the per-part errors are first weighted by a sensitivity search that tunes the
    weights on the stitched model's KL to the dense model (`sensitivity.sensitivity_search`, SPDY-style).
 4. Realise each choice (optionally re-running OBS on inputs propagated through the pruned layers).
@@ -56,6 +59,11 @@ class ZipLMConfig(BaseModel):
     percdamp: float = Field(0.01, gt=0)
     batch_size: int = Field(8, gt=0)
     buckets: int = Field(20000, gt=100, description="resolution of the DP's time axis")
+    error_scale: Literal["none", "removal_kl"] = Field(
+        "none", description="removal_kl: rescale each part's OBS error curve so that removing the part entirely costs "
+                            "KL(dense || dense without that part) on the search's calibration windows; attention and "
+                            "FFN, early and late layers then share one scale (one evaluation per part; needs "
+                            "calibration tokens; makes `normalise` irrelevant)")
     search_steps: int = Field(0, ge=0, description="steps of the sensitivity search per target (SPDY-style "
                                                    "weights on the DP's per-part errors, tuned on the stitched "
                                                    "model's KL to the dense one; 0: the plain DP)")
@@ -86,6 +94,26 @@ def layer_choice(db: Database, solution: list[int]) -> list[tuple[int, int]]:
     """DP option indices (attn, ffn per layer; levels in descending order) -> (KV groups, channels) per layer."""
     attn, ffn = db.levels("attn"), db.levels("ffn")
     return [(attn[i][solution[2 * i]], ffn[i][solution[2 * i + 1]]) for i in range(len(db.layers))]
+
+
+def removal_kl(graph: ModelGraph, db: Database, probe: KLProbe, progress: Progress | None = None) -> list[float]:
+    """Per part (layer 0 attn, layer 0 ffn, layer 1 attn, ...), the probe's KL of `graph` with only that part
+    removed (level 0, everything else at its database width): Puzzle's replace-one-block score, as a measured
+    whole-model sensitivity of each part."""
+    full = [(max(e.attn), max(e.ffn)) for e in db.layers]
+    out = []
+    for i, (a, f) in enumerate(full):
+        for removed in ((0, f), (a, 0)):
+            out.append(probe(realise(graph, db, full[:i] + [removed] + full[i + 1:])))
+            if progress is not None:
+                progress("ZipLM: removal KL per part", len(out), 2 * len(full))
+    return out
+
+
+def scale_to_removal(errors: list[list[float]], kl: list[float]) -> list[list[float]]:
+    """Each part's error curve rescaled so its last level (the part removed) costs that part's removal KL:
+    e * kl / e_removed. Any per-part normalisation cancels; a part whose removal error is 0 keeps zeros."""
+    return [[e * k / es[-1] if es[-1] > 0 else 0.0 for e in es] for es, k in zip(errors, kl)]
 
 
 def measure_latency(graph: ModelGraph, metric: str, batch: int, table) -> float:
@@ -135,13 +163,22 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
     (gradual mode); by default `graph` itself."""
     costs, constant = part_costs(db, graph.config, cost_model, cfg.metric, cfg.batch)
     errors = part_errors(db, cfg.normalise)
-    dp = KnapsackDP(costs, errors, cfg.buckets)
     dense_pred, ref_graph = reference if reference is not None else (constant + sum(c[0] for c in costs), graph)
 
     def timed(model: ModelGraph) -> dict | None:
         return measured_speedup(ref_graph, model, cfg.metric, cfg.batch, cost_model.table, cfg.measure_rounds) \
             if measure else None
-    probe = None
+    probe, kl = None, None
+    if cfg.error_scale == "removal_kl":
+        if tokens is None:
+            raise ValueError("error_scale removal_kl measures each part on calibration tokens: pass tokens, or set "
+                             "error_scale none")
+        with torch_threads(cfg.search_threads):  # the reference's log-probs once, shared with the search
+            probe = KLProbe(ref_graph, tokens[:cfg.search_samples, :cfg.search_seq_len], cfg.search_positions,
+                            cfg.batch_size)
+            kl = removal_kl(graph, db, probe, progress)
+        errors = scale_to_removal(errors, kl)
+    dp = KnapsackDP(costs, errors, cfg.buckets)
     results = []
     for n, target in enumerate(cfg.speedups):
         budget = dense_pred / target
@@ -185,6 +222,8 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
                "measured_speedup": meas, "predicted_ms": constant + sol.cost, "dense_predicted_ms": dense_pred,
                "dense_measured_ms": timing["reference_ms"] if timing else None, "error": sol.error, "params": count_params(model),
                "rounds": rounds}
+        if kl is not None:
+            row["removal_kl"] = kl
         if search is not None:
             row["search"] = {k: search[k] for k in ("start_loss", "loss", "evaluations", "accepted", "weights")} | {
                 "steps": cfg.search_steps,
@@ -288,5 +327,5 @@ def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, 
     return rows, report
 
 
-__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "measured_speedup", "profile_for", "prune_family", "prune_gradual",
+__all__ = ["ZipLMConfig", "layer_choice", "removal_kl", "scale_to_removal", "measure_latency", "measured_speedup", "profile_for", "prune_family", "prune_gradual",
            "run_ziplm", "uniform_for_budget"]
