@@ -327,5 +327,5 @@ def run_ziplm(graph: ModelGraph, tokens: torch.Tensor, cfg: ZipLMConfig, table, 
     return rows, report
 
 
-__all__ = ["ZipLMConfig", "layer_choice", "removal_kl", "scale_to_removal", "measure_latency", "measured_speedup", "profile_for", "prune_family", "prune_gradual",
-           "run_ziplm", "uniform_for_budget"]
+__all__ = ["ZipLMConfig", "layer_choice", "measure_latency", "measured_speedup", "profile_for", "prune_family",
+           "prune_gradual", "removal_kl", "run_ziplm", "scale_to_removal", "uniform_for_budget"]

@@ -77,8 +77,19 @@ def test_ziplm_cli_sensitivity_search_is_reported(tiny_hf_dir, corpus_file, tabl
     assert s["steps"] == 5 and s["loss"] <= s["start_loss"] and 1 <= s["evaluations"] <= 6
 
 
+def test_ziplm_cli_error_scale_records_the_removal_kl(tiny_hf_dir, corpus_file, table_file, tmp_path):
+    out = tmp_path / "z"
+    r = call("prune", tiny_hf_dir, "--method", "ziplm", "--speedups", "1.3", "--cost-table", table_file,
+             "--data", corpus_file, "--heldout-rows", 10, "--num-samples", 4, "--seq-len", 16, "--refine", 0,
+             "--error-scale", "removal_kl", "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "report.json").read_text())["models"][0]
+    assert len(m["removal_kl"]) == 2 * len(m["choice"]) and all(k > 0 for k in m["removal_kl"])
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--speedups", "fast"], "must be comma-separated numbers"),
+    (["--error-scale", "kl"], "--error-scale 'kl': choose none or removal_kl"),
     (["--search-steps", "-1"], "search_steps"),
     (["--speedups", "0.5"], "speedups must be"),
     (["--metric", "throughput"], "metric"),
