@@ -97,14 +97,16 @@ def layer_choice(db: Database, solution: list[int]) -> list[tuple[int, int]]:
 
 
 def removal_kl(graph: ModelGraph, db: Database, probe: KLProbe, progress: Progress | None = None) -> list[float]:
-    """Per part (layer 0 attn, layer 0 ffn, layer 1 attn, ...), the probe's KL of `graph` with only that part
-    removed (level 0, everything else at its database width): Puzzle's replace-one-block score, as a measured
-    whole-model sensitivity of each part."""
+    """Per part (layer 0 attn, layer 0 ffn, layer 1 attn, ...), how much the probe's KL grows when only that part
+    of `graph` is removed (level 0, everything else at its database width): Puzzle's replace-one-block score, as a
+    measured whole-model sensitivity of each part. The growth is over `graph`'s own KL (0 when `graph` is the
+    probe's reference; gradual mode probes a pruned model against the dense one), and at least 0."""
     full = [(max(e.attn), max(e.ffn)) for e in db.layers]
+    base = probe(graph)
     out = []
     for i, (a, f) in enumerate(full):
         for removed in ((0, f), (a, 0)):
-            out.append(probe(realise(graph, db, full[:i] + [removed] + full[i + 1:])))
+            out.append(max(probe(realise(graph, db, full[:i] + [removed] + full[i + 1:])) - base, 0.0))
             if progress is not None:
                 progress("ZipLM: removal KL per part", len(out), 2 * len(full))
     return out

@@ -1,6 +1,7 @@
 """ZipLM `error_scale: removal_kl`: each part's OBS error curve rescaled to the dense model's KL without that part."""
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from llmcompress.models.graph import AttentionConfig, BlockConfig, FFNConfig, blocks, set_block
@@ -52,6 +53,16 @@ def test_removal_kl_is_the_kl_of_the_dense_model_without_each_part(tiny_db):
             set_block(m, i, block)
             assert kl[2 * i + p] == pytest.approx(probe(m.eval()), rel=1e-5)
     assert all(k > 0 for k in kl)
+    # against another reference (gradual mode: a pruned model probed against the dense one) it is the growth
+    other = copy_graph(g)
+    with torch.no_grad():
+        for w in other.parameters():
+            w.add_(0.02 * torch.randn_like(w))
+    far = KLProbe(other.eval(), tokens[:4], positions=8, batch_size=4)
+    grown = removal_kl(g, db, far)
+    m = copy_graph(g)
+    set_block(m, 0, BlockConfig(attention=AttentionConfig(kind="noop"), ffn=parent[0].ffn))
+    assert far(g) > 0 and grown[0] == pytest.approx(max(far(m.eval()) - far(g), 0.0), rel=1e-5, abs=1e-7)
 
 
 def test_family_minimises_the_scaled_errors_and_records_them(tiny_db, monkeypatch):
