@@ -30,6 +30,24 @@ from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E
 import torch  # noqa: E402
 
 
+def bench_corpus(graph):
+    """The benchmark's corpus: the shared calibration file, its last 200 rows held out."""
+    from llmcompress.data import Corpus, DataConfig
+    from llmcompress.models.loading import cache_dir
+
+    data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
+    return Corpus(DataConfig(source=str(data), heldout_rows=200, seq_len=512), graph.tokenizer, cache=cache_dir())
+
+
+def bench_database(graph, tokens, cfg, work: Path):
+    """The run's OBS database (built once in WORK/database-{samples}x{seq_len}, loaded after)."""
+    from llmcompress.prune.database import build_database, default_levels
+
+    samples, seq_len = tokens.shape
+    levels = default_levels(graph.config.intermediate_size, cfg.ffn_steps, cfg.ffn_multiple)
+    return build_database(graph, tokens, levels, folder=work / f"database-{samples}x{seq_len}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
@@ -92,13 +110,11 @@ def main(argv=None) -> int:
     args.name = args.name or args.reuse.removesuffix("-smoke") or "ziplm"
     torch.set_num_threads(args.threads)
 
-    from llmcompress.data import Corpus, DataConfig
     from llmcompress.evaluation import perplexity
     from llmcompress.hardware.profile import load_table, save_table
     from llmcompress.models import load
     from llmcompress.models.graph import count_params
-    from llmcompress.models.loading import cache_dir
-    from llmcompress.prune.database import build_database, default_levels, realise, realise_uniform
+    from llmcompress.prune.database import realise, realise_uniform
     from llmcompress.prune.ziplm_family import (ZipLMConfig, measure_latency, measured_speedup, profile_for,
                                                  prune_family)
 
@@ -113,8 +129,7 @@ def main(argv=None) -> int:
                       search_threads=args.search_threads, **(dict(search_seq_len=64, search_positions=16)
                                                              if args.smoke else {}))
     graph = load("default")
-    data = ROOT.parent / "shared" / "data" / "calib_wikihow.jsonl"
-    corpus = Corpus(DataConfig(source=str(data), heldout_rows=200, seq_len=512), graph.tokenizer, cache=cache_dir())
+    corpus = bench_corpus(graph)
     tokens = corpus.train_batches(samples, seq_len)
     heldout = corpus.heldout_stream()
 
@@ -128,8 +143,7 @@ def main(argv=None) -> int:
         table_info = {"device": one_shot["cost_table_device"], "clock": one_shot["table_clock"],
                       # results written before this field was recorded were all profiled with 512-token prompts
                       "prompt_len": one_shot.get("table_prompt_len", 512)}
-        db = build_database(graph, tokens, default_levels(graph.config.intermediate_size, cfg.ffn_steps,
-                                                          cfg.ffn_multiple), folder=work / f"database-{samples}x{seq_len}")
+        db = bench_database(graph, tokens, cfg, work)
         dense, results = prior["dense"], []
         for r in prior["results"]:
             choice = [tuple(c) for c in r["choice"]]
@@ -155,8 +169,7 @@ def main(argv=None) -> int:
         save_table(table, table_path, overwrite=True)
     timings["profile_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    db = build_database(graph, tokens, default_levels(graph.config.intermediate_size, cfg.ffn_steps,
-                                                      cfg.ffn_multiple), folder=work / f"database-{samples}x{seq_len}")
+    db = bench_database(graph, tokens, cfg, work)
     timings["database_s"] = time.perf_counter() - t0
     from llmcompress.hardware.cost_model import CostModel
 
