@@ -61,6 +61,8 @@ def main(argv=None) -> int:
                     help="how per-layer OBS errors are made comparable across layers")
     ap.add_argument("--search-steps", type=int, default=0,
                     help="sensitivity-search steps per target (SPDY-style weights on the DP's errors; 0: plain DP)")
+    ap.add_argument("--measure-rounds", type=int, default=3,
+                    help="back-to-back (dense, pruned) timing pairs per measured speed-up (median ratio)")
     ap.add_argument("--error-scale", default="none", choices=["none", "removal_kl"],
                     help="removal_kl: rescale each part's OBS errors to the dense model's KL without that part")
     ap.add_argument("--search-threads", type=int, default=0,
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     seq_len, samples, windows = (128, 8, 4) if args.smoke else (512, args.num_samples, args.ppl_windows)
     cfg = ZipLMConfig(speedups=speedups, metric=args.metric, num_samples=samples, seq_len=seq_len,
                       refine=args.refine, normalise=args.normalise, search_steps=args.search_steps,
-                      error_scale=args.error_scale,
+                      error_scale=args.error_scale, measure_rounds=args.measure_rounds,
                       search_threads=args.search_threads, **(dict(search_seq_len=64, search_positions=16)
                                                              if args.smoke else {}))
     graph = load("default")
@@ -371,8 +373,8 @@ def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_inf
 
 
 ONE_SHOT_KEYS = ("threads", "clock", "speedups", "metric", "num_samples", "ppl_windows", "refine", "normalise",
-                 "search_steps", "search_threads", "error_scale")
-ONE_SHOT_DEFAULTS = {"error_scale": "none"}  # settings that results written before them did not record
+                 "search_steps", "search_threads", "error_scale", "measure_rounds")
+ONE_SHOT_DEFAULTS = {"error_scale": "none", "measure_rounds": 3}  # settings that results written before them did not record
 
 
 def _reproduce_line(md: Path) -> str:

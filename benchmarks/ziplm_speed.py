@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("name", help="results name of a ZipLM benchmark run (benchmarks/results/NAME.json)")
     ap.add_argument("--rounds", type=int, default=9, help="back-to-back (dense, model) pairs per measurement")
+    ap.add_argument("--all-rounds", action="store_true",
+                    help="also re-time the models of the refinement rounds the run did not keep (runs that record them)")
     ap.add_argument("--targets", default="", help="only these targets, e.g. 1.5 (default: all of the run)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"), help="the run's work folder (database)")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the run's results, and of this script's")
@@ -65,11 +67,15 @@ def main(argv=None) -> int:
         ap.error(f"--targets {args.targets}: the run has {', '.join(str(r['target']) for r in run['results'])}")
     for r in picked:
         u = r["uniform"]
-        models = {"ziplm": realise(graph, db, [tuple(c) for c in r["choice"]]),
-                  "uniform": realise_uniform(graph, db, u["kv_groups"], u["ffn"])}
-        for name, model in models.items():
-            row = {"target": r["target"], "model": name,
-                   "recorded_decode": r["measured"] if name == "ziplm" else u["measured"]}
+        models = {"ziplm": (r["choice"], r["measured"])}
+        if args.all_rounds:
+            models |= {f"ziplm round {k + 1}": (x["choice"], x["measured_speedup"])
+                       for k, x in enumerate(r.get("rounds", [])) if "choice" in x and not x.get("kept")}
+        models["uniform"] = (None, u["measured"])
+        for name, (choice, recorded) in models.items():
+            model = (realise(graph, db, [tuple(c) for c in choice]) if choice is not None
+                     else realise_uniform(graph, db, u["kv_groups"], u["ffn"]))
+            row = {"target": r["target"], "model": name, "recorded_decode": recorded}
             for metric in ("decode", "prefill"):
                 m = measure_speedup(graph, model, metric, 1, prompt, gen, args.rounds, settings["clock"])
                 row[metric] = m

@@ -205,7 +205,7 @@ def prune_family(graph: ModelGraph, db: Database, cost_model, cfg: ZipLMConfig, 
             timing = timed(model)
             meas = timing["speedup"] if timing is not None else None
             rounds.append({"budget_ms": budget, "predicted_speedup": pred, "measured_speedup": meas,
-                           "error": sol.error, "timing": timing})
+                           "error": sol.error, "timing": timing, "choice": choice})  # choice: to re-time it later
             tried.append(dict(budget=budget, sol=sol, choice=choice, model=model, pred=pred, timing=timing, meas=meas))
             if meas is None or abs(meas / target - 1) <= cfg.refine_tolerance or r == cfg.refine:
                 break

@@ -194,3 +194,4 @@ def test_refinement_keeps_the_round_measured_closest_to_the_target(tiny, monkeyp
     assert row["predicted_speedup"] == row["rounds"][0]["predicted_speedup"]
     first_budget = row["rounds"][0]["budget_ms"]
     assert cm.predict(row["model"])["decode_ms_per_token"] <= first_budget * (1 + 1e-6)  # the first round's model
+    assert row["rounds"][0]["choice"] == row["choice"] != row["rounds"][1]["choice"]  # each round's model recorded
