@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         ap.error(f"--distill-models {args.distill_models!r}: name ziplm, uniform or ziplm,uniform")
     if args.distill_lm < 0:
         ap.error(f"--distill-lm {args.distill_lm:g}: a loss weight is 0 or more")
+    if args.measure_rounds < 1:
+        ap.error(f"--measure-rounds {args.measure_rounds}: time at least one (dense, pruned) pair")
     prior = None
     out = Path(args.work) if args.smoke else RESULTS  # smoke results stay out of benchmarks/results
     if args.reuse:
@@ -374,7 +376,8 @@ def finish(args, argv, prior, cfg, graph, corpus, ppl, dense, results, table_inf
 
 ONE_SHOT_KEYS = ("threads", "clock", "speedups", "metric", "num_samples", "ppl_windows", "refine", "normalise",
                  "search_steps", "search_threads", "error_scale", "measure_rounds")
-ONE_SHOT_DEFAULTS = {"error_scale": "none", "measure_rounds": 3}  # settings that results written before them did not record
+# settings that results written before them did not record
+ONE_SHOT_DEFAULTS = {"error_scale": "none", "measure_rounds": 3}
 
 
 def _reproduce_line(md: Path) -> str:

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("name", help="results name of a ZipLM benchmark run (benchmarks/results/NAME.json)")
     ap.add_argument("--rounds", type=int, default=9, help="back-to-back (dense, model) pairs per measurement")
     ap.add_argument("--all-rounds", action="store_true",
-                    help="also re-time the models of the refinement rounds the run did not keep (runs that record them)")
+                    help="also re-time the refinement rounds' models the run did not keep (where it records them)")
     ap.add_argument("--targets", default="", help="only these targets, e.g. 1.5 (default: all of the run)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-ziplm"), help="the run's work folder (database)")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the run's results, and of this script's")
