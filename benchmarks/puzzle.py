@@ -61,27 +61,45 @@ def heldout_ppl(graph, stream, seq_len: int, max_windows) -> float:
     return perplexity(graph, stream, seq_len, max_windows)["perplexity"]
 
 
-def ziplm_rows(rows: list[dict], path: Path = RESULTS / "ziplm-distill.json") -> str:
-    """ZipLM's committed result at the same targets (its own benchmark and protocol), beside ours."""
+# ZipLM's clean runs (removal_kl errors, ZipLM's own dense evaluation): one results file per target, and the
+# decode speed-ups re-timed in more pairs by benchmarks/ziplm_speed.py where a "-speed" file exists
+ZIPLM_RESULTS = ("ziplm-removal-kl-1.25", "ziplm-removal-kl-r0-d288")
+
+
+def ziplm_rows(rows: list[dict], names: tuple[str, ...] = ZIPLM_RESULTS, results: Path = RESULTS) -> str:
+    """ZipLM's committed results at the same targets (its own benchmark and protocol), beside ours."""
     import json
 
-    if not path.exists():
-        return "- ZipLM at the same speed: no ZipLM result in benchmarks/results yet\n"
-    z = json.loads(path.read_text())
-    dense, after = z["dense"]["perplexity"], {r["target"]: r for r in z.get("distill", [])}
     lines = []
     for r in rows:
         t = float(r["target"].rstrip("x"))
-        zr = next((x for x in z["results"] if abs(x["target"] - t) < 1e-9), None)
-        if zr is None:
-            continue
-        zd = after.get(t, {}).get("ziplm", {})
-        lines.append(f"{r['target']}: Puzzle measured {r['measured']:.3f}x, ppl {r['ratio']:.3f}x dense; ZipLM "
-                     f"(commit {z['commit']}) predicted {zr['predicted']:.3f}x, measured {zr['measured']:.3f}x, "
-                     f"ppl {zr['perplexity'] / dense:.3f}x dense one-shot"
-                     + (f", {zd['perplexity'] / dense:.3f}x after {zd['tokens']:,} distillation tokens" if zd else ""))
-    return ("- ZipLM at the same targets (benchmarks/results/ziplm-distill.json: its own run, ppl ratios to its own "
-            "dense perplexity on 32 held-out windows):\n" + "".join(f"  - {x}\n" for x in lines))
+        for name in names:
+            path = results / f"{name}.json"
+            if not path.exists():
+                continue
+            z = json.loads(path.read_text())
+            zr = next((x for x in z["results"] if abs(x["target"] - t) < 1e-9), None)
+            if zr is None:
+                continue
+            dense = z["dense"]["perplexity"]
+            zd = next((e for e in z.get("distill", []) if abs(e["target"] - t) < 1e-9), {}).get("ziplm")
+            speed = results / f"{name.removesuffix('-d288')}-speed.json"
+            retimed = None
+            if speed.exists():
+                sp = json.loads(speed.read_text())
+                retimed = next((x for x in sp["rows"] if x["model"] == "ziplm" and abs(x["target"] - t) < 1e-9), None)
+            lines.append(f"{r['target']}: Puzzle measured {r['measured']:.3f}x, ppl {r['ratio']:.3f}x dense; ZipLM "
+                         f"({name}.json, one-shot commit {z.get('one_shot_commit', z['commit'])}) predicted "
+                         f"{zr['predicted']:.3f}x, measured {zr['measured']:.3f}x"
+                         + (f" ({retimed['decode']['speedup']:.3f}x re-timed in {retimed['decode']['rounds']} pairs)"
+                            if retimed else "")
+                         + f", ppl {zr['perplexity'] / dense:.3f}x dense one-shot"
+                         + (f", {zd['perplexity'] / dense:.3f}x after {zd['tokens']:,} distillation tokens "
+                            f"({zd['seconds'] / 60:.1f} min)" if zd else ""))
+    if not lines:
+        return "- ZipLM at the same speed: no ZipLM result at these targets in benchmarks/results\n"
+    return ("- ZipLM at the same targets (its own runs, ppl ratios to its own dense perplexity on 32 held-out "
+            "windows):\n" + "".join(f"  - {x}\n" for x in lines))
 
 
 def refine_note(mip: dict) -> str:
