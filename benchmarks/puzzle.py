@@ -62,18 +62,18 @@ def heldout_ppl(graph, stream, seq_len: int, max_windows) -> float:
 
 
 # ZipLM's clean runs (removal_kl errors, ZipLM's own dense evaluation): one results file per target, and the
-# decode speed-ups re-timed in more pairs by benchmarks/ziplm_speed.py where a "-speed" file exists
-ZIPLM_RESULTS = ("ziplm-removal-kl-1.25", "ziplm-removal-kl-r0-d288")
+# decode speed-ups re-timed in more pairs by benchmarks/ziplm_speed.py (results name -> its re-timing, or None)
+ZIPLM_RESULTS = {"ziplm-removal-kl-1.25": None, "ziplm-removal-kl-r0-d288": "ziplm-removal-kl-r0-speed"}
 
 
-def ziplm_rows(rows: list[dict], names: tuple[str, ...] = ZIPLM_RESULTS, results: Path = RESULTS) -> str:
+def ziplm_rows(rows: list[dict], names: dict[str, str | None] = ZIPLM_RESULTS, results: Path = RESULTS) -> str:
     """ZipLM's committed results at the same targets (its own benchmark and protocol), beside ours."""
     import json
 
     lines = []
     for r in rows:
         t = float(r["target"].rstrip("x"))
-        for name in names:
+        for name, speed_name in names.items():
             path = results / f"{name}.json"
             if not path.exists():
                 continue
@@ -83,9 +83,9 @@ def ziplm_rows(rows: list[dict], names: tuple[str, ...] = ZIPLM_RESULTS, results
                 continue
             dense = z["dense"]["perplexity"]
             zd = next((e for e in z.get("distill", []) if abs(e["target"] - t) < 1e-9), {}).get("ziplm")
-            speed = results / f"{name.removesuffix('-d288')}-speed.json"
+            speed = results / f"{speed_name}.json"
             retimed = None
-            if speed.exists():
+            if speed_name and speed.exists():
                 sp = json.loads(speed.read_text())
                 retimed = next((x for x in sp["rows"] if x["model"] == "ziplm" and abs(x["target"] - t) < 1e-9), None)
             lines.append(f"{r['target']}: Puzzle measured {r['measured']:.3f}x, ppl {r['ratio']:.3f}x dense; ZipLM "
