@@ -342,6 +342,15 @@ def make_budgets(lib: dict, budgets: Budgets) -> list[Budget]:
     return out
 
 
+def table_bias(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    """The cost table's bias as measured / predicted speed-up, pooled over timed solutions (geometric mean):
+    a search for a measured target asks the table for target / bias. Pooling keeps one noisy timing on a
+    shared machine from swinging the next search."""
+    if not predicted or len(predicted) != len(measured):
+        raise ValueError(f"need as many measured as predicted speed-ups (got {len(measured)} and {len(predicted)})")
+    return math.exp(sum(math.log(m / p) for p, m in zip(predicted, measured)) / len(predicted))
+
+
 def predict(lib: dict, blocks_per_layer: Sequence[str], latency_batch: int = 1) -> dict:
     """Predicted costs of a choice of blocks (names), from the library's cost table."""
     head, costs, b = lib["head"], lib["costs"], str(latency_batch)

@@ -27,7 +27,7 @@ from llmcompress.puzzle.bld import BLDConfig, run_bld
 from llmcompress.puzzle.context import search_in_context
 from llmcompress.puzzle.gkd import GKDConfig, assemble, train_gkd
 from llmcompress.puzzle.library import BlockLibrary, LibraryConfig, build_library, variant_name
-from llmcompress.puzzle.mip import Budgets, search
+from llmcompress.puzzle.mip import Budgets, search, table_bias
 from llmcompress.puzzle.score import ScoreConfig, block_of, load_library, save_library, score_blocks, scored_library
 from llmcompress.stages.base import Stage, StageContext
 
@@ -134,8 +134,10 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
                               "layers' blocks with each earlier one")
     time_limit_s: float = Field(60.0, gt=0)
     refine: int = Field(0, ge=0, description="target_speedup only: rounds of assembling the best solution, timing "
-                        "it against the parent on this device and searching again with the target rescaled by "
-                        "target / measured (the table misses what only the whole model shows)")
+                        "it against the parent on this device and searching again with the target divided by the "
+                        "table's bias (measured / predicted, geometric mean over the rounds so far): the table "
+                        "misses what only the whole model shows. Stops early once a round is within "
+                        "refine_tolerance; otherwise the last search is kept untimed (the final eval times it)")
     refine_tolerance: float = Field(0.03, ge=0, description="stop refining when measured is this close (relative)")
     measure_rounds: int = Field(3, gt=0, description="alternating parent/model timing rounds per measurement")
     context_rounds: int = Field(0, ge=0, description="rounds of in-context search after the search (and "
@@ -156,7 +158,7 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
         result = search(lib, budgets, self.backend, self.num_solutions, self.max_shared, self.time_limit_s)
         if self.refine and budgets.target_speedup is not None:
             result = self._refine(graph, lib, budgets, result, ctx)
-            budgets = budgets.model_copy(update={"target_speedup": result["refinement"][-1]["requested_speedup"]})
+            budgets = budgets.model_copy(update={"target_speedup": result["searched_speedup"]})
         if self.context_rounds:
             result = self._in_context(graph, lib, budgets, result, ctx)
         _write_json(self.folder / SOLUTIONS, result)
@@ -175,28 +177,35 @@ class PuzzleMIPStage(_PuzzleStage, Budgets):
         return result
 
     def _refine(self, graph, lib: dict, budgets: Budgets, result: dict, ctx: StageContext) -> dict:
-        """Measure the best solution's speed-up (paired with the parent) and search again with the requested
-        speed-up rescaled until the measured one is within refine_tolerance of the target (or rounds run out)."""
+        """Time the best solution against the parent and search again with the target divided by the table's
+        bias, the geometric mean of measured / predicted over every round so far (one noisy round on a shared
+        machine must not swing the next search), for up to `refine` rounds or until a measurement is within
+        refine_tolerance of the target. If the last round is still off, its search at the pooled estimate is kept,
+        untimed here."""
         from llmcompress.hardware import measure_speedup
 
         library, ct, target = BlockLibrary.load(self.folder / "library"), lib["cost_table"], budgets.target_speedup
         rounds = []
-        for r in range(self.refine + 1):
-            ctx.progress("puzzle_mip: measuring the best solution", r, self.refine + 1)
+        for r in range(self.refine):
+            ctx.progress("puzzle_mip: measuring the best solution", r, self.refine)
             best = result["solutions"][0]
+            predicted = best["predicted_speedup"][budgets.speedup_metric]
             model, _ = assemble(graph, library, [block_of(lib, n) for n in best["blocks"]], self.folder / "bld")
             m = measure_speedup(graph, model, budgets.speedup_metric, batch=budgets.latency_batch,
                                 prompt_len=ct["prompt_len"], gen_len=ct["gen_len"], rounds=self.measure_rounds)
             del model
-            rounds.append({"requested_speedup": budgets.target_speedup,
-                           "predicted_speedup": best["predicted_speedup"][budgets.speedup_metric],
+            rounds.append({"requested_speedup": budgets.target_speedup, "predicted_speedup": predicted,
                            "measured_speedup": m["speedup"], "timing": m})
-            if abs(m["speedup"] / target - 1) <= self.refine_tolerance or r == self.refine:
+            rounds[-1]["correction"] = table_bias([x["predicted_speedup"] for x in rounds],
+                                                  [x["measured_speedup"] for x in rounds])
+            done = abs(m["speedup"] / target - 1) <= self.refine_tolerance
+            if done:
                 break
-            budgets = budgets.model_copy(update={"target_speedup": budgets.target_speedup * target / m["speedup"]})
+            budgets = budgets.model_copy(update={"target_speedup": target / rounds[-1]["correction"]})
             result = search(lib, budgets, self.backend, self.num_solutions, self.max_shared, self.time_limit_s)
         return result | {"target_speedup": target, "refinement": rounds,
-                         "measured_speedup": rounds[-1]["measured_speedup"]}
+                         "searched_speedup": budgets.target_speedup,
+                         "measured_speedup": rounds[-1]["measured_speedup"] if done else None}
 
 
 class GKDStage(_PuzzleStage, GKDConfig):

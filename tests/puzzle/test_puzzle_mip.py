@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from llmcompress.puzzle.mip import BACKENDS, Budget, Budgets, feasible, greedy, make_budgets, search, solve, uniform
+from llmcompress.puzzle.mip import (BACKENDS, Budget, Budgets, feasible, greedy, make_budgets, search, solve,
+                                   table_bias, uniform)
 
 
 def instance(seed: int, layers: int, variants: int, n_budgets: int = 2, tightness: float = 0.6):
@@ -172,3 +173,39 @@ def test_budgets_from_library():
         make_budgets(lib, Budgets(throughput_tok_s=10, throughput_batch=4))
     with pytest.raises(ValueError, match="at least one budget"):
         Budgets()
+
+
+def test_table_bias_is_the_geometric_mean_of_measured_over_predicted():
+    assert table_bias([1.5], [1.35]) == pytest.approx(0.9)
+    assert table_bias([1.5, 1.6], [1.35, 1.76]) == pytest.approx((0.9 * 1.1) ** 0.5)
+    with pytest.raises(ValueError, match="as many measured"):
+        table_bias([1.5, 1.6], [1.35])
+
+
+def test_refinement_pools_the_bias_and_keeps_the_last_search_untimed(monkeypatch, tmp_path):
+    """Two rounds that stay off the target: each new search asks for target / pooled bias (not the last round's
+    ratio alone) and the last search is kept, untimed."""
+    from types import SimpleNamespace
+
+    from llmcompress.stages import puzzle as stages
+
+    asked = []
+
+    def fake_search(lib, budgets, *args):
+        asked.append(budgets.target_speedup)  # the table predicts exactly what it is asked for
+        return {"solutions": [{"blocks": [], "predicted_speedup": {"decode": budgets.target_speedup}}]}
+
+    measured = iter([1.35, 1.76])  # bias 0.9, then 1.76 / (1.5 / 0.9) = 1.056
+    monkeypatch.setattr(stages, "search", fake_search)
+    monkeypatch.setattr(stages, "assemble", lambda *args: (object(), []))
+    monkeypatch.setattr(stages.BlockLibrary, "load", staticmethod(lambda path: None))
+    monkeypatch.setattr("llmcompress.hardware.measure_speedup", lambda *a, **k: {"speedup": next(measured)})
+    stage = stages.PuzzleMIPStage(workdir=str(tmp_path), target_speedup=1.5, refine=2, measure_rounds=1)
+    budgets = stage.config_of(Budgets)
+    lib = {"cost_table": {"prompt_len": 8, "gen_len": 2}}
+    out = stage._refine(None, lib, budgets, fake_search(lib, budgets), SimpleNamespace(progress=lambda *a: None))
+    bias = (0.9 * 1.76 / (1.5 / 0.9)) ** 0.5
+    assert asked == pytest.approx([1.5, 1.5 / 0.9, 1.5 / bias])
+    assert [r["correction"] for r in out["refinement"]] == pytest.approx([0.9, bias])
+    assert out["searched_speedup"] == pytest.approx(1.5 / bias) and out["measured_speedup"] is None
+    assert out["solutions"][0]["predicted_speedup"]["decode"] == pytest.approx(1.5 / bias)
