@@ -13,8 +13,9 @@ the MIP's choice with the greedy (score per ms saved) and uniform baselines, all
 blocks before GKD (same budget, so the same predicted speed).
 Targets (issue 6): held-out perplexity after GKD <= 1.3x dense at a measured 1.25x decode speed-up and
 <= 1.6x at 1.5x; the whole path within 90 minutes; the MIP better than greedy and uniform; predicted vs
-measured speed-up within 10%, and the measured speed-up within 10% of the target. Writes benchmarks/results/puzzle.json and .md (--smoke: tiny budgets, to check
-the script end to end in a few minutes; its numbers mean nothing and go to runs/bench-puzzle-smoke/).
+measured speed-up within 10%, and the measured speed-up within 10% of the target. Writes
+benchmarks/results/puzzle.json and .md (--smoke: tiny budgets, to check the script end to end in a few minutes;
+its numbers mean nothing and go to runs/bench-puzzle-smoke/).
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ def main(argv=None) -> int:
                                     "gkd_tokens": cfg["gkd"]["tokens"]},
                   "stages": cfg, "rows": rows, "runs": runs}
         m = report["machine"]
-        cols = ["target", "searched", "predicted", "measured", "pred_err_%", "meas_vs_target_%", "params", "ppl_dense", "ppl_gkd",
-                "ratio", "ratio_target", "ok", "ppl_bld_mip", "ppl_bld_greedy", "measured_greedy", "ppl_bld_uniform",
-                "measured_uniform"]
+        cols = ["target", "searched", "predicted", "measured", "pred_err_%", "meas_vs_target_%", "params",
+                "ppl_dense", "ppl_gkd", "ratio", "ratio_target", "ok", "ppl_bld_mip", "ppl_bld_greedy",
+                "measured_greedy", "ppl_bld_uniform", "measured_uniform"]
         bld, score, gkd = cfg["puzzle_bld"], cfg["puzzle_score"], cfg["gkd"]
         md = (f"# Puzzle on SmolLM2-135M{' (SMOKE: tiny budgets, numbers mean nothing)' if args.smoke else ''}\n\n"
               f"commit {report['commit']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}; whole benchmark "
@@ -188,12 +189,12 @@ def main(argv=None) -> int:
               f"- token budgets: BLD {bld['tokens']:,} tokens per block ({bld['num_samples']} windows captured), "
               f"GKD {gkd['tokens']:,} tokens; scoring on {score['num_samples']} held-out calibration windows "
               f"(last {score['positions']} positions)\n"
-              f"- speed-ups: decode step at batch 1 after a {prompt_len}-token prompt, mean over {gen_len} greedy tokens "
-              f"(`measure_speedup`: parent and model timed back to back in {repeats} alternating rounds, median of the "
-              f"per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up the "
+              f"- speed-ups: decode step at batch 1 after a {prompt_len}-token prompt, mean over {gen_len} greedy "
+              f"tokens (`measure_speedup`: parent and model timed back to back in {repeats} alternating rounds, median "
+              f"of the per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up the "
               f"final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
-              f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; ppl_bld_*: "
-              f"the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
+              f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; "
+              f"ppl_bld_*: the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
               + context_note(runs) + ziplm_rows(rows) +
               f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
         js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
