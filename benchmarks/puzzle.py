@@ -191,10 +191,11 @@ def main(argv=None) -> int:
               f"(last {score['positions']} positions)\n"
               f"- speed-ups: decode step at batch 1 after a {prompt_len}-token prompt, mean over {gen_len} greedy "
               f"tokens (`measure_speedup`: parent and model timed back to back in {repeats} alternating rounds, median "
-              f"of the per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up the "
-              f"final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
+              f"of the per-round ratios); predicted from the cost table profiled in the run; searched: the speed-up "
+              f"the final MIP asked of the table ({refine_note(cfg['puzzle_mip'])})\n"
               f"- ppl_dense/ppl_gkd: held-out perplexity (last 200 rows) of the parent and of the GKD model; "
-              f"ppl_bld_*: the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, before GKD\n"
+              f"ppl_bld_*: the MIP, greedy and uniform choices for the same budget assembled from the BLD blocks, "
+              f"before GKD\n"
               + context_note(runs) + ziplm_rows(rows) +
               f"- reproduce: `python benchmarks/puzzle.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
         js, mdp = write_results(name, report, md, out=out if args.smoke else RESULTS)  # smoke: beside its run
