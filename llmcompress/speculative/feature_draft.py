@@ -1,0 +1,368 @@
+"""A draft that reads the target's features (EAGLE, Li et al. 2024), trained with DistillSpec's online loss.
+
+A layer-subset draft has to rebuild from tokens alone what the target computed; this draft instead reads the
+target's own features. At position t it takes fc([f_t ; e(x_{t+1})]): f_t the target's feature at t (its last
+layer's output after the final norm, what the LM head reads) and e(x_{t+1}) the shared embedding of the next
+token. One decoder layer (copied from the target's last layer) then predicts f_{t+1}, and the target's LM head,
+or a frequent-token subset of it (`llmcompress.speculative.vocab`), turns that into q(x_{t+2}).
+
+While drafting, its own predicted features stand in for the target's. After each verification the target's
+true features of the accepted positions replace them: the draft's KV cache keeps only entries built from true
+features. Decoding stays exactly lossless (same acceptance rule as `decode.speculative_decode`).
+
+Training is online (`train_feature_draft`): the frozen target runs inside every step on text windows and
+supplies its features f and its logits; loss = SmoothL1(f_hat, f) * `feature_weight` + soft cross-entropy from
+the target's p to the draft's q * `logit_weight`, both over every position (no prompt to mask in fixed text).
+The logits are compared over the draft's proposal ids when it has a subset head. Everything but the draft's fc
+and layers is frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+
+from llmcompress.models.modeling_llmcompress import head_linear
+from llmcompress.speculative.decode import DecodeStats, _check_prompt, probs, rollback, sample, verify
+from llmcompress.speculative.divergences import acceptance
+
+
+def _logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The LM head of `model` (a plain head through `head_linear`, a subset head as itself). h: [..., D] -> [..., V]"""
+    head = model.lm_head
+    return head_linear(h, head.weight, head.bias) if type(head) is nn.Linear else head(h)
+
+
+def target_features(target, ids: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+    """Feed `ids` [B, S] through the target's layers with `cache`. -> features [B, S, D] (after the final norm)"""
+    out = target.model(ids, cache=cache, use_cache=cache is not None) if hasattr(target, "model") else None
+    if not isinstance(out, tuple):
+        raise ValueError("a feature draft needs a target in llmcompress's model graph (llmcompress.models.load)")
+    return out[0]
+
+
+def target_forward(target, ids: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed `ids` [B, S] through the target with `cache`. -> (features [B, S, D], logits [B, S, V])"""
+    feats = target_features(target, ids, cache)
+    return feats, _logits(target, feats)
+
+
+class FeatureDraft(nn.Module):
+    """fc([f_t ; e(x_{t+1})]) -> the draft's decoder layers and final norm -> f_hat_{t+1} -> LM head."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body  # a DeciLMForCausalLM: the draft's layers, the target's final norm, embedding and head
+        d = body.config.hidden_size
+        ref = next(body.parameters())
+        self.fc = nn.Linear(2 * d, d, bias=True, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():  # start as f_t + e(x_{t+1})
+            eye = torch.eye(d, device=ref.device, dtype=ref.dtype)
+            self.fc.weight.copy_(torch.cat([eye, eye], 1))
+            self.fc.bias.zero_()
+
+    @classmethod
+    def from_target(cls, target, layers: list[int] | None = None) -> "FeatureDraft":
+        """A feature draft whose decoder layers are copies of the target's `layers` (default: its last one)."""
+        from llmcompress.speculative.draft_init import keep_layers
+
+        n = len(target.model.layers)
+        keep = layers if layers is not None else [n - 1]
+        if not keep or any(not 0 <= i < n for i in keep):
+            raise ValueError(f"feature draft layers {keep}: choose indices in 0..{n - 1}")
+        body = keep_layers(target, sorted(keep))
+        draft = cls(body)
+        draft.init_layers = sorted(keep)
+        draft.tokenizer = getattr(target, "tokenizer", None)
+        return draft.eval()
+
+    # the attributes that reports and checks read from any draft
+    @property
+    def config(self):
+        return self.body.config
+
+    @property
+    def model(self):
+        return self.body.model
+
+    def get_output_embeddings(self):
+        return self.body.lm_head
+
+    @property
+    def lm_head(self):
+        return self.body.lm_head
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, cache: DynamicCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: [B, S, D] (f_t), tokens: [B, S] (x_{t+1}) -> (f_hat [B, S, D] (f_{t+1}), logits [B, S, V])"""
+        e = self.body.model.embed_tokens(tokens)  # [B, S, D]
+        x = self.fc(torch.cat([features.to(e.dtype), e], -1))
+        h, _, _ = self.body.model(inputs_embeds=x, cache=cache, use_cache=cache is not None)
+        return h, _logits(self.body, h)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """What training moves: fc and the decoder layers (embedding, final norm and head stay the target's)."""
+        return {k: p for k, p in self.named_parameters() if k.startswith("fc.") or ".layers." in k}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the trained tensors and what rebuilds the draft from its target (`load`)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable().items()},
+                  str(folder / "feature_draft.safetensors"))
+        meta = {"kind": "feature", "layers": getattr(self, "init_layers", None),
+                "vocab": [int(i) for i in self.body.lm_head.keep] if hasattr(self.body.lm_head, "keep") else None}
+        (folder / "feature_draft.json").write_text(json.dumps(meta))
+        return folder
+
+    @classmethod
+    def load(cls, target, folder: str | Path) -> "FeatureDraft":
+        folder = Path(folder)
+        meta_path = folder / "feature_draft.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{folder} holds no feature draft (feature_draft.json); train one with "
+                             "llmcompress draft --init feature:1")
+        meta = json.loads(meta_path.read_text())
+        draft = cls.from_target(target, meta["layers"])
+        if meta.get("vocab"):
+            from llmcompress.speculative.vocab import restrict_vocab
+
+            restrict_vocab(draft.body, torch.tensor(meta["vocab"]))
+        state = load_file(str(folder / "feature_draft.safetensors"))
+        params = draft.trainable()
+        if set(state) != set(params):
+            raise ValueError(f"{folder}: the saved tensors do not fit this target's feature draft")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.dtype))
+        return draft.eval()
+
+
+def is_feature_draft(draft) -> bool:
+    return isinstance(draft, FeatureDraft)
+
+
+# ----------------------------------------------------------------------------- decoding
+@torch.no_grad()
+def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor, max_new_tokens: int,
+                               gamma: int = 4, temperature: float = 0.0, generator: torch.Generator | None = None,
+                               eos_token_id: int | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """`decode.speculative_decode` with a feature draft. prompt: [1, P] -> ([1, P + new], stats).
+
+    Invariants: the target cache holds every token of `seq` but the last, `feats` [len - 1, D] their features;
+    the draft cache holds `fed` entries, entry t (1-based) built from (f_{t-1}, x_t) with true features only."""
+    _check_prompt(prompt)
+    if gamma < 1:
+        raise ValueError(f"gamma={gamma} must be >= 1")
+    greedy = temperature == 0
+    seq = prompt.to(next(target.parameters()).device)
+    end = seq.shape[1] + max_new_tokens
+    tcache, dcache = DynamicCache(), DynamicCache()
+    stats = DecodeStats(gamma=gamma)
+    if seq.shape[1] == 1:  # no feature yet: one plain target step
+        f, pl = target_forward(target, seq, tcache)
+        p = probs(pl[0, -1], temperature)
+        tok = int(p.argmax()) if greedy else sample(p, generator)
+        seq = torch.cat([seq, seq.new_tensor([[tok]])], 1)
+        feats = f[0]
+        stats.target_calls += 1
+        stats.accepted_per_call.append(0)
+    else:
+        feats = target_features(target, seq[:, :-1], tcache)[0]  # [P - 1, D]
+    fed = 0
+    while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
+                                      and seq.shape[1] > prompt.shape[1]):
+        n = seq.shape[1] - 1  # index of the last token; feats covers 0..n-1
+        f_in, x_in = feats[fed:n][None], seq[:, fed + 1:n + 1]  # the true pairs the draft lacks
+        drafted, qs, qls = [], [], []
+        for _ in range(gamma):
+            h, ql = draft(f_in, x_in, dcache)
+            ql = ql[0, -1]
+            q = probs(ql, temperature)
+            tok = int(q.argmax()) if greedy else sample(q, generator)
+            drafted.append(tok)
+            qs.append(q)
+            qls.append(ql)
+            f_in, x_in = h[:, -1:], seq.new_tensor([[tok]])
+        fv, pl = target_forward(target, torch.cat([seq[:, -1:], seq.new_tensor([drafted])], 1), tcache)
+        pl, fv = pl[0], fv[0]  # [gamma + 1, V], [gamma + 1, D]: positions n .. n + gamma
+        m, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), greedy, generator)
+        k = min(m + 1, gamma)
+        stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
+        stats.overlap_count += k
+        stats.target_calls += 1
+        stats.drafted += gamma
+        stats.accepted += m
+        stats.accepted_per_call.append(m)
+        new = drafted[:m] + [nxt]
+        seq = torch.cat([seq, seq.new_tensor([new])], 1)
+        feats = torch.cat([feats, fv[: m + 1]])
+        rollback(tcache, seq.shape[1] - 1)
+        rollback(dcache, n)  # keep the entries built from true features
+        fed = n
+        if eos_token_id is not None and eos_token_id in new:
+            seq = seq[:, : seq.shape[1] - len(new) + new.index(eos_token_id) + 1]
+            break
+    seq = seq[:, :end]
+    stats.new_tokens = seq.shape[1] - prompt.shape[1]
+    return seq, stats
+
+
+@torch.no_grad()
+def feature_step_cost(draft: FeatureDraft, target, prompt: torch.Tensor, steps: int) -> tuple[list, list]:
+    """Times of single-token cached steps of the draft and of the target after `prompt` [1, P], alternating.
+    -> (draft seconds, target seconds)"""
+    seq = prompt.to(next(target.parameters()).device)
+    tcache, dcache = DynamicCache(), DynamicCache()
+    feats = target_features(target, seq, tcache)
+    draft(feats[:, :-1], seq[:, 1:], dcache)
+    f, tok = feats[:, -1:], seq[:, -1:]
+    times: tuple[list, list] = ([], [])
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        draft(f, tok, dcache)
+        t1 = time.perf_counter()
+        target_forward(target, tok, tcache)
+        t2 = time.perf_counter()
+        times[0].append(t1 - t0)
+        times[1].append(t2 - t1)
+    return times
+
+
+# ----------------------------------------------------------------------------- training
+class FeatureDistillConfig(BaseModel):
+    """Online training of a feature draft (the `draft` stage's fields when `init` is feature:K)."""
+
+    model_config = ConfigDict(extra="forbid")
+    feature_weight: float = Field(1.0, ge=0, description="weight of SmoothL1(f_hat, f)")
+    logit_weight: float = Field(0.1, ge=0, description="weight of the soft cross-entropy from p to q")
+    temperature: float = Field(1.0, gt=0, description="temperature of p and q in the cross-entropy")
+    noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the input features, relative "
+                         "to their RMS (robustness to the draft's own, imperfect features)")
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    steps: int | None = Field(200, gt=0)
+    tokens: int | None = Field(None, gt=0, description="stop after this many training tokens")
+    seconds: float | None = Field(None, gt=0, description="stop after this much wall-clock time in this run")
+    checkpoint_every: int = Field(50, gt=0)
+    eval_every: int = Field(50, gt=0)
+    seed: int = 0
+
+
+def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Tensor, target_logits: torch.Tensor,
+                       cfg: FeatureDistillConfig, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, dict]:
+    """feats: [B, S, D] target features, tokens: [B, S], target_logits: [B, S, K] (over the draft's ids) ->
+    (loss, parts). Position t reads (f_t, x_{t+1}) and is scored against f_{t+1} and p(. | x_{<= t+1})."""
+    f_in = feats[:, :-1]
+    if cfg.noise > 0:
+        rms = f_in.pow(2).mean().sqrt()
+        f_in = f_in + torch.randn(f_in.shape, generator=generator, device=f_in.device, dtype=f_in.dtype) * cfg.noise * rms
+    h, q_logits = draft(f_in, tokens[:, 1:])  # [B, S-1, D], [B, S-1, V]
+    head = draft.body.lm_head
+    if hasattr(head, "keep"):
+        q_logits = q_logits[..., head.keep]
+    feat = F.smooth_l1_loss(h.float(), feats[:, 1:].float())
+    t = cfg.temperature
+    p = torch.softmax(target_logits[:, 1:].float() / t, -1)
+    ce = -(p * torch.log_softmax(q_logits.float() / t, -1)).sum(-1).mean()
+    loss = cfg.feature_weight * feat + cfg.logit_weight * ce
+    agree = (q_logits.argmax(-1) == target_logits[:, 1:].argmax(-1)).float().mean()
+    return loss, {"feature": feat.item(), "ce": ce.item(), "top1": agree.item()}
+
+
+def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg: FeatureDistillConfig, out: Path,
+                        evaluate: Callable[[FeatureDraft], dict] | None = None,
+                        progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Online training on text `windows` [N, S]; checkpoints in `out/checkpoint` (a rerun resumes). -> report"""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [N, S] token ids with S >= 2, got {tuple(windows.shape)}")
+    if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
+        raise ValueError("give the feature draft a budget: steps, tokens or seconds")
+    device = next(target.parameters()).device
+    target.eval()
+    for p in draft.parameters():
+        p.requires_grad_(False)
+    params = draft.trainable()
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    ckpt = Path(out) / "checkpoint"
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "log": [], "acceptance": []}
+    if (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = load_file(str(ckpt / "draft.safetensors"))
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    head = draft.body.lm_head
+    keep = head.keep if hasattr(head, "keep") else None
+    w_t = target.lm_head.weight if keep is None else target.lm_head.weight[keep]  # [K, D]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(windows), generator=gen)
+    gen_noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    t_run = time.perf_counter()
+
+    def done() -> bool:
+        return ((cfg.steps is not None and state["step"] >= cfg.steps)
+                or (cfg.tokens is not None and state["tokens"] >= cfg.tokens)
+                or (cfg.seconds is not None and time.perf_counter() - t_run >= cfg.seconds and state["step"] > 0))
+
+    draft.train()
+    while not done():
+        i = state["step"] * cfg.batch_size
+        idx = order[torch.arange(i, i + cfg.batch_size) % len(windows)]
+        tokens = windows[idx].to(device)  # [B, S]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            feats = target_features(target, tokens, None)  # [B, S, D]
+            tl = head_linear(feats, w_t)  # [B, S, K]
+        loss, parts = feature_draft_loss(draft, feats, tokens, tl, cfg, gen_noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        state["tokens"] += int(tokens.numel())
+        state["seconds"] += time.perf_counter() - t0
+        state["log"].append({"step": state["step"], "loss": loss.item()} | parts)
+        if progress:
+            progress("feature draft", state["step"], cfg.steps or 0)
+        last = done()
+        if evaluate is not None and (state["step"] % cfg.eval_every == 0 or last):
+            draft.eval()
+            state["acceptance"].append({"step": state["step"]} | evaluate(draft))
+            draft.train()
+        if state["step"] % cfg.checkpoint_every == 0 or last:
+            _save(ckpt, params, opt, state)
+    draft.eval()
+    for p in draft.parameters():
+        p.requires_grad_(False)
+    first, tail = state["log"][:10], state["log"][-10:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / max(len(rows), 1)  # noqa: E731
+    return {"steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
+            "loss_first": mean(first, "loss"), "loss_last": mean(tail, "loss"),
+            "top1_first": mean(first, "top1"), "top1_last": mean(tail, "top1"),
+            "acceptance": state["acceptance"], "config": cfg.model_dump()}
+
+
+def _save(folder: Path, params: dict, opt, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, str(folder / "draft.safetensors"))
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.rename(folder / "state.json")
+
+
+__all__ = ["FeatureDistillConfig", "FeatureDraft", "feature_draft_loss", "feature_speculative_decode",
+           "feature_step_cost", "is_feature_draft", "target_features", "target_forward", "train_feature_draft"]

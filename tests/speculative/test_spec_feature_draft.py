@@ -1,0 +1,118 @@
+"""Feature drafts (EAGLE-style): lossless decoding, the cache invariant, online training, save/load."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from _micro import micro_model
+from llmcompress.speculative.decode import target_decode
+from llmcompress.speculative.feature_draft import (FeatureDistillConfig, FeatureDraft, feature_speculative_decode,
+                                                   target_features, train_feature_draft)
+from llmcompress.speculative.vocab import restrict_vocab
+
+PROMPTS = [[5, 17, 33, 2, 9], [7]]
+
+
+@pytest.mark.parametrize("vocab", [None, list(range(0, 64, 3))])
+def test_greedy_equals_target_greedy(tiny_target, vocab):
+    draft = FeatureDraft.from_target(tiny_target)
+    with torch.no_grad():  # a draft that is wrong often: rejections and corrections on most rounds
+        draft.fc.weight.add_(torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    if vocab is not None:
+        restrict_vocab(draft.body, torch.tensor(vocab))
+    for ids in PROMPTS:
+        prompt = torch.tensor([ids])
+        ref, _ = target_decode(tiny_target, prompt, 16)
+        for gamma in (1, 2, 3, 5):
+            out, stats = feature_speculative_decode(tiny_target, draft, prompt, 16, gamma=gamma)
+            assert torch.equal(out, ref), (ids, gamma)
+            assert stats.new_tokens == 16 and stats.target_calls == len(stats.accepted_per_call)
+            assert 1 <= stats.tau <= gamma + 1 and 0 <= stats.alpha <= 1
+
+
+def test_draft_cache_holds_only_true_features(tiny_target, monkeypatch):
+    """Every draft call after the first continues a cache whose entries were built from the target's true
+    features: recomputing the draft from scratch on (true features, tokens) gives the same proposals."""
+    draft = FeatureDraft.from_target(tiny_target)
+    prompt = torch.tensor([PROMPTS[0]])
+    calls = []
+    forward = FeatureDraft.forward
+
+    def spy(self, features, tokens, cache=None):
+        h, logits = forward(self, features, tokens, cache)
+        calls.append((cache.get_seq_length() - tokens.shape[1] if len(cache.layers) else 0, tokens.shape[1],
+                      logits[0, -1].argmax().item()))
+        return h, logits
+
+    monkeypatch.setattr(FeatureDraft, "forward", spy)
+    out, _ = feature_speculative_decode(tiny_target, draft, prompt, 12, gamma=3)
+    monkeypatch.setattr(FeatureDraft, "forward", forward)
+    with torch.no_grad():
+        feats = target_features(tiny_target, out, None)[0]  # [L, D], true features of every position
+    # the first draft call of each round starts at the cache's length: entries 1..start hold pairs (f_{t-1}, x_t)
+    rounds = [c for i, c in enumerate(calls) if i % 3 == 0]
+    for start, new, proposal in rounds:
+        end = start + new  # the pairs fed: t = 1 .. end
+        with torch.no_grad():
+            _, logits = draft(feats[None, :end], out[:, 1:end + 1])
+        assert logits[0, -1].argmax().item() == proposal
+
+
+def test_sampling_matches_target_law():
+    """Chi-square test of the first two sampled tokens against the target's exact law (as for layer drafts)."""
+    g, temperature, n = torch.Generator().manual_seed(1234), 0.8, 800
+    target = micro_model(layers=2, seed=0)
+    draft = FeatureDraft.from_target(target)
+    with torch.no_grad():
+        draft.fc.weight.add_(torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(3)))
+    prompt = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        p1 = torch.softmax(target(prompt).logits[0, -1] / temperature, -1)
+        seqs = torch.cat([prompt.expand(6, -1), torch.arange(6)[:, None]], 1)
+        exact = (p1[:, None] * torch.softmax(target(seqs).logits[:, -1] / temperature, -1)).flatten()
+    counts, rejections = torch.zeros_like(exact), 0
+    for _ in range(n):
+        out, stats = feature_speculative_decode(target, draft, prompt, 2, gamma=2, temperature=temperature,
+                                                generator=g)
+        counts[out[0, 3] * 6 + out[0, 4]] += 1
+        rejections += stats.drafted - stats.accepted
+    assert rejections > n // 10
+    big = exact * n >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)]).double()
+    exp = torch.cat([exact[big], exact[~big].sum(0, keepdim=True)]).double()
+    assert chisquare(obs.numpy(), (exp / exp.sum() * n).numpy()).pvalue > 1e-3
+
+
+def test_online_training_learns_and_resumes(tmp_path):
+    """A few online steps on a micro target's own samples lower the loss and raise top-1 agreement; a rerun
+    with a larger budget resumes from the checkpoint; the saved draft loads back identical."""
+    target = micro_model(vocab=6, layers=2, seed=0, hidden=32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        windows = target.generate(torch.randint(0, 6, (32, 1), generator=g), do_sample=True, max_new_tokens=23,
+                                  min_new_tokens=23, pad_token_id=0, attention_mask=torch.ones(32, 1, dtype=torch.long))
+    draft = FeatureDraft.from_target(target)
+    cfg = FeatureDistillConfig(steps=60, batch_size=8, lr=1e-2, checkpoint_every=30, eval_every=30)
+    rep = train_feature_draft(target, draft, windows, cfg, tmp_path)
+    assert rep["steps"] == 60 and rep["tokens"] == 60 * 8 * 24
+    assert rep["loss_last"] < 0.6 * rep["loss_first"]
+    assert rep["top1_last"] > rep["top1_first"] + 0.2
+    more = train_feature_draft(target, draft, windows, cfg.model_copy(update={"steps": 70}), tmp_path)
+    assert more["steps"] == 70 and more["tokens"] == 70 * 8 * 24  # resumed at 60, not restarted
+    draft.save(tmp_path / "out")
+    back = FeatureDraft.load(target, tmp_path / "out")
+    for k, v in draft.trainable().items():
+        assert torch.equal(v, back.trainable()[k])
+    with pytest.raises(ValueError, match="feature draft"):
+        FeatureDraft.load(target, tmp_path / "missing")
+
+
+def test_bad_inputs(tiny_target):
+    draft = FeatureDraft.from_target(tiny_target)
+    with pytest.raises(ValueError, match="gamma"):
+        feature_speculative_decode(tiny_target, draft, torch.tensor([[1, 2]]), 3, gamma=0)
+    with pytest.raises(ValueError, match="layers"):
+        FeatureDraft.from_target(tiny_target, [99])
+    with pytest.raises(ValueError, match="budget"):
+        train_feature_draft(tiny_target, draft, torch.zeros(2, 4, dtype=torch.long),
+                            FeatureDistillConfig(steps=None), "unused")
