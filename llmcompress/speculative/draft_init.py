@@ -4,6 +4,9 @@ Init specs (CLI `--init`, recipe `init:`):
   layers:K     keep K evenly spaced layers of the target, always the first and the last
   important:K  keep the K layers whose single removal changes the target's next-token distribution most
                (layer-removal KL on calibration tokens, `llmcompress.prune.layers`)
+  feature:K    a feature draft (EAGLE-style, `llmcompress.speculative.feature_draft`): copies of the target's
+               last K layers reading the target's features (calibration tokens balance its input); a folder
+               holding a trained one loads it
   anything else is a model spec for `llmcompress.models.load` ('default', a folder, a .gguf, a hub id)
 """
 
@@ -64,6 +67,19 @@ def check_compatible(target, draft) -> None:
 def init_draft(target, spec: str, calib_tokens: torch.Tensor | None = None, dtype: torch.dtype | None = None):
     """Build the initial draft named by `spec` (see the module doc); the result shares the target's tokenizer."""
     kind, _, arg = spec.partition(":")
+    from llmcompress.speculative.feature_draft import FEATURE_FILE, FeatureDraft
+
+    if kind == "feature":
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(f"draft init {spec!r}: write feature:K with K a number of layers, e.g. feature:1") from None
+        n = len(target.model.layers)
+        if not 1 <= k <= n:
+            raise ValueError(f"draft init {spec!r}: a feature draft keeps 1..{n} of the target's last layers")
+        return FeatureDraft.from_target(target, list(range(n - k, n)), calib_tokens)
+    if Path(spec).is_dir() and (Path(spec) / FEATURE_FILE).is_file():
+        return FeatureDraft.load(target, spec)
     if kind in ("layers", "important"):
         try:
             k = int(arg)

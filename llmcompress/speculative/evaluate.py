@@ -100,7 +100,13 @@ def instruction_prompts(tokenizer, texts: list[str], n: int, prompt_tokens: int,
 @torch.no_grad()
 def cost_ratio(draft, target, prompt: torch.Tensor, steps: int) -> float:
     """c: median time of a cached single-token draft step / the same for the target, after `prompt` [1, P].
-    The two models' steps alternate, so a change of machine load affects both alike."""
+    The two models' steps alternate, so a change of machine load affects both alike. A feature draft's step
+    reads a feature and a token (`feature_draft.feature_step_cost`)."""
+    from llmcompress.speculative.feature_draft import feature_step_cost, is_feature_draft
+
+    if is_feature_draft(draft):
+        d, t = feature_step_cost(draft, target, prompt, steps)
+        return statistics.median(d) / statistics.median(t)
     seq = prompt.to(next(target.parameters()).device)
     caches, toks, times = {}, {}, {"draft": [], "target": []}
     for name, model in (("draft", draft), ("target", target)):
@@ -134,7 +140,14 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     affect all of them alike."""
     from llmcompress.speculative.draft_init import check_compatible
 
+    from llmcompress.speculative.feature_draft import feature_speculative_decode, is_feature_draft
+
     check_compatible(target, draft)
+    feature = is_feature_draft(draft)
+    if feature and cfg.compare_hf:
+        raise ValueError("transformers' assisted generation cannot run a feature draft (it reads the target's "
+                         "features); leave out compare_hf")
+    decode = feature_speculative_decode if feature else speculative_decode
     target.eval(), draft.eval()
     device = next(target.parameters()).device
     eos = getattr(getattr(target, "tokenizer", None), "eos_token_id", None)
@@ -145,7 +158,7 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
         return torch.Generator(device="cpu").manual_seed(cfg.seed + i)
 
     target_decode(target, prompts[0], 2)  # warm-up (allocator, kernels)
-    speculative_decode(target, draft, prompts[0], 2, gamma=1)
+    decode(target, draft, prompts[0], 2, gamma=1)
     c = cost_ratio(draft, target, prompts[0], cfg.cost_steps)
     base_time, new_tokens = 0.0, 0
     spec = {g: {"stats": DecodeStats(gamma=g), "seconds": 0.0, "identical": True, "hf_seconds": 0.0,
@@ -155,8 +168,8 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
         base_time += dt
         new_tokens += ref.shape[1] - p.shape[1]
         for gamma, r in spec.items():
-            (out, st), dt = _timed(lambda: speculative_decode(target, draft, p, cfg.new_tokens, gamma,
-                                                              cfg.temperature, gen(i), eos), device)
+            (out, st), dt = _timed(lambda: decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature, gen(i),
+                                                  eos), device)
             r["stats"], r["seconds"] = r["stats"].merge(st), r["seconds"] + dt
             r["identical"] &= torch.equal(out, ref)
             if cfg.compare_hf:
@@ -183,6 +196,7 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     alpha = sum(r["alpha"] for r in rows) / len(rows)
     head = draft.get_output_embeddings()
     return {
+        "draft_kind": "feature" if feature else "model",
         "draft_layers": len(draft.model.layers),
         "draft_vocab": int(head.weight.shape[0]),
         "target_layers": len(target.model.layers),

@@ -11,8 +11,9 @@ true features of the accepted positions replace them: the draft's KV cache keeps
 features. Decoding stays exactly lossless (same acceptance rule as `decode.speculative_decode`).
 
 Training is online (`train_feature_draft`): the frozen target runs inside every step on text windows and
-supplies its features f and its logits; loss = SmoothL1(f_hat, f) * `feature_weight` + soft cross-entropy from
-the target's p to the draft's q * `logit_weight`, both over every position (no prompt to mask in fixed text).
+supplies its features f and its logits; loss = SmoothL1(f_hat, f) * `feature_weight` + a divergence between the
+target's p and the draft's q * `logit_weight` (fkl: the soft cross-entropy less p's entropy, same gradient), both
+over every position (no prompt to mask in fixed text).
 The logits are compared over the draft's proposal ids when it has a subset head. Everything but the draft's fc
 and layers is frozen.
 """
@@ -26,14 +27,18 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
 from llmcompress.models.modeling_llmcompress import head_linear
 from llmcompress.speculative.decode import DecodeStats, _check_prompt, probs, rollback, sample, verify
+from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import acceptance
+
+
+FEATURE_FILE = "feature_draft.json"
 
 
 def _logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -71,8 +76,10 @@ class FeatureDraft(nn.Module):
             self.fc.bias.zero_()
 
     @classmethod
-    def from_target(cls, target, layers: list[int] | None = None) -> "FeatureDraft":
-        """A feature draft whose decoder layers are copies of the target's `layers` (default: its last one)."""
+    def from_target(cls, target, layers: list[int] | None = None, calib: torch.Tensor | None = None
+                    ) -> "FeatureDraft":
+        """A feature draft whose decoder layers are copies of the target's `layers` (default: its last one).
+        With `calib` token ids [B, S], fc starts balanced (`balance_inputs`); without, as f_t + e(x_{t+1})."""
         from llmcompress.speculative.draft_init import keep_layers
 
         n = len(target.model.layers)
@@ -83,7 +90,24 @@ class FeatureDraft(nn.Module):
         draft = cls(body)
         draft.init_layers = sorted(keep)
         draft.tokenizer = getattr(target, "tokenizer", None)
+        if calib is not None:
+            draft.balance_inputs(target, calib)
         return draft.eval()
+
+    @torch.no_grad()
+    def balance_inputs(self, target, calib: torch.Tensor) -> dict:
+        """Set fc to scaled identities so that f_t and e(x_{t+1}) enter the first layer with equal RMS, summing to
+        the RMS of the residual stream that layer saw inside the target (measured on `calib` [B, S]). The target's
+        features are ~16x larger than its embeddings (SmolLM2: RMS 1.9 vs 0.12): a plain sum would drown the
+        token. -> the three RMS values"""
+        out = target(calib, output_hidden_states=True)
+        resid = out.hidden_states[self.init_layers[0]]  # [B, S, D]: the input of the first copied layer
+        rms = lambda x: x.float().pow(2).mean().sqrt()  # noqa: E731
+        rs, rf, re = rms(resid), rms(target_features(target, calib, None)), rms(target.model.embed_tokens(calib))
+        eye = torch.eye(self.fc.in_features // 2, device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+        self.fc.weight.copy_(torch.cat([eye * (rs / rf / 2 ** 0.5), eye * (rs / re / 2 ** 0.5)], 1))
+        self.fc.bias.zero_()
+        return {"residual": float(rs), "features": float(rf), "embeddings": float(re)}
 
     # the attributes that reports and checks read from any draft
     @property
@@ -121,13 +145,13 @@ class FeatureDraft(nn.Module):
                   str(folder / "feature_draft.safetensors"))
         meta = {"kind": "feature", "layers": getattr(self, "init_layers", None),
                 "vocab": [int(i) for i in self.body.lm_head.keep] if hasattr(self.body.lm_head, "keep") else None}
-        (folder / "feature_draft.json").write_text(json.dumps(meta))
+        (folder / FEATURE_FILE).write_text(json.dumps(meta))
         return folder
 
     @classmethod
     def load(cls, target, folder: str | Path) -> "FeatureDraft":
         folder = Path(folder)
-        meta_path = folder / "feature_draft.json"
+        meta_path = folder / FEATURE_FILE
         if not meta_path.is_file():
             raise ValueError(f"{folder} holds no feature draft (feature_draft.json); train one with "
                              "llmcompress draft --init feature:1")
@@ -243,9 +267,10 @@ class FeatureDistillConfig(BaseModel):
     """Online training of a feature draft (the `draft` stage's fields when `init` is feature:K)."""
 
     model_config = ConfigDict(extra="forbid")
+    divergence: str = Field("fkl", description="the logit term: fkl, rkl, tvd, accept, jsd or jsd:BETA")
     feature_weight: float = Field(1.0, ge=0, description="weight of SmoothL1(f_hat, f)")
-    logit_weight: float = Field(0.1, ge=0, description="weight of the soft cross-entropy from p to q")
-    temperature: float = Field(1.0, gt=0, description="temperature of p and q in the cross-entropy")
+    logit_weight: float = Field(0.1, ge=0, description="weight of the divergence between p and q")
+    temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
     noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the input features, relative "
                          "to their RMS (robustness to the draft's own, imperfect features)")
     batch_size: int = Field(8, gt=0)
@@ -256,6 +281,12 @@ class FeatureDistillConfig(BaseModel):
     checkpoint_every: int = Field(50, gt=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0
+
+    @field_validator("divergence")
+    @classmethod
+    def _divergence(cls, v):
+        divergences.parse(v)
+        return v
 
 
 def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Tensor, target_logits: torch.Tensor,
@@ -272,20 +303,58 @@ def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.T
     if hasattr(head, "keep"):
         q_logits = q_logits[..., head.keep]
     feat = F.smooth_l1_loss(h.float(), feats[:, 1:].float())
-    t = cfg.temperature
-    p = torch.softmax(target_logits[:, 1:].float() / t, -1)
-    ce = -(p * torch.log_softmax(q_logits.float() / t, -1)).sum(-1).mean()
-    loss = cfg.feature_weight * feat + cfg.logit_weight * ce
+    div = divergences.divergence_loss(cfg.divergence, target_logits[:, 1:].float(), q_logits.float(),
+                                      temperature=cfg.temperature)
+    loss = cfg.feature_weight * feat + cfg.logit_weight * div
     agree = (q_logits.argmax(-1) == target_logits[:, 1:].argmax(-1)).float().mean()
-    return loss, {"feature": feat.item(), "ce": ce.item(), "top1": agree.item()}
+    return loss, {"feature": feat.item(), "divergence": div.item(), "top1": agree.item()}
+
+
+@torch.no_grad()
+def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folder: str | Path, chunk: int = 32,
+                           progress: Callable[[str, int, int], None] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's greedy continuations of `prompts` [N, P] and its features over them, made `chunk` prompts at a
+    time into `folder` (one safetensors file per chunk: a rerun continues where it stopped).
+    -> (tokens [N, P + new_tokens], features [N, P + new_tokens, D] float16)"""
+    from llmcompress.speculative.train import generate
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ident = {"prompts_sum": int(prompts.sum()), "shape": list(prompts.shape), "new_tokens": new_tokens,
+             "chunk": chunk, "layers": len(target.model.layers), "hidden": target.config.hidden_size}
+    meta = folder / "sequences.json"
+    if meta.is_file() and json.loads(meta.read_text()) != ident:
+        raise ValueError(f"{folder} holds target sequences made with other settings; use another folder")
+    meta.write_text(json.dumps(ident))
+    seqs, feats = [], []
+    for i, c in enumerate(range(0, len(prompts), chunk)):
+        path = folder / f"seq-{i:05d}.safetensors"
+        if not path.is_file():
+            seq = generate(target, prompts[c:c + chunk], new_tokens, 0.0, 0)  # [b, P + new]
+            f = target_features(target, seq, None).half()  # [b, P + new, D]
+            save_file({"tokens": seq.cpu(), "features": f.cpu().contiguous()}, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").rename(path)
+        part = load_file(str(path))
+        seqs.append(part["tokens"])
+        feats.append(part["features"])
+        if progress:
+            progress("target sequences", min(c + chunk, len(prompts)), len(prompts))
+    return torch.cat(seqs), torch.cat(feats)
 
 
 def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg: FeatureDistillConfig, out: Path,
                         evaluate: Callable[[FeatureDraft], dict] | None = None,
-                        progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Online training on text `windows` [N, S]; checkpoints in `out/checkpoint` (a rerun resumes). -> report"""
+                        progress: Callable[[str, int, int], None] | None = None,
+                        features: torch.Tensor | None = None) -> dict:
+    """Train on token `windows` [N, S]; checkpoints in `out/checkpoint` (a rerun resumes). -> report
+
+    Online (`features` None): the target runs inside every step. Offline: `features` [N, S, D] are the target's
+    features of `windows`, computed once (`cache_target_sequences`); its logits come from them through its head."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, S] token ids with S >= 2, got {tuple(windows.shape)}")
+    if features is not None and features.shape[:2] != windows.shape:
+        raise ValueError(f"features {tuple(features.shape)} do not match windows {tuple(windows.shape)}")
     if cfg.steps is None and cfg.tokens is None and cfg.seconds is None:
         raise ValueError("give the feature draft a budget: steps, tokens or seconds")
     device = next(target.parameters()).device
@@ -325,7 +394,10 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
         tokens = windows[idx].to(device)  # [B, S]
         t0 = time.perf_counter()
         with torch.no_grad():
-            feats = target_features(target, tokens, None)  # [B, S, D]
+            if features is None:
+                feats = target_features(target, tokens, None)  # [B, S, D]
+            else:
+                feats = features[idx].to(device=device, dtype=w_t.dtype)
             tl = head_linear(feats, w_t)  # [B, S, K]
         loss, parts = feature_draft_loss(draft, feats, tokens, tl, cfg, gen_noise)
         opt.zero_grad(set_to_none=True)
@@ -364,5 +436,5 @@ def _save(folder: Path, params: dict, opt, state: dict) -> None:
     tmp.rename(folder / "state.json")
 
 
-__all__ = ["FeatureDistillConfig", "FeatureDraft", "feature_draft_loss", "feature_speculative_decode",
+__all__ = ["FeatureDistillConfig", "FeatureDraft", "cache_target_sequences", "feature_draft_loss", "feature_speculative_decode",
            "feature_step_cost", "is_feature_draft", "target_features", "target_forward", "train_feature_draft"]
