@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "draft_feature", "commit": git_commit(), "machine": machine(), "wall_s": wall,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "settings": vars(args),
               "results": results}
-    lines = [f"# Feature draft (EAGLE-style) of the default model, greedy speculative decoding, this CPU\n",
+    lines = ["# Feature draft (EAGLE-style) of the default model, greedy speculative decoding, this CPU\n",
              f"commit {report['commit']}, {report['machine']['cpu']}; speed measured with {args.threads} torch "
              f"threads, training with {args.train_threads}; whole run {wall / 60:.1f} min\n",
              f"{len(prompts)} held-out prompts (\"Summarise: <document>\" chat prompts of {args.prompt_tokens} tokens "
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
               f"{rep['top1_first']:.2f} (first 10 steps) -> {rep['top1_last']:.2f} (last 10)",
               "- reproduce: `python benchmarks/draft_feature.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"
-    js, mdp = write_results(args.name + ("-smoke" if args.smoke else ""), report, md, out=work if args.smoke else RESULTS)
+    js, mdp = write_results(args.name + ("-smoke" if args.smoke else ""), report, md,
+                            out=work if args.smoke else RESULTS)
     print(md)
     print(f"written {js} and {mdp}")
     return 0

@@ -223,7 +223,8 @@ def _render_speculative(s: dict) -> None:
 def draft(
     target: Annotated[str, typer.Option(help="the model to accelerate: 'default', a folder, a .gguf or a hub id")]
     = "default",
-    init: Annotated[str, typer.Option(help="layers:K, important:K (of the target) or a model with its tokenizer")]
+    init: Annotated[str, typer.Option(help="layers:K, important:K (of the target), feature:K (a draft reading the "
+                                           "target's features, EAGLE-style) or a model with its tokenizer")]
     = "layers:6",
     divergence: Annotated[str, typer.Option(help="fkl, rkl, tvd, accept, jsd or jsd:BETA")] = "fkl",
     data: Annotated[str, typer.Option(help="training sequences: fixed, target, on-policy or mixture")] = "on-policy",

@@ -73,7 +73,8 @@ def init_draft(target, spec: str, calib_tokens: torch.Tensor | None = None, dtyp
         try:
             k = int(arg)
         except ValueError:
-            raise ValueError(f"draft init {spec!r}: write feature:K with K a number of layers, e.g. feature:1") from None
+            raise ValueError(f"draft init {spec!r}: write feature:K with K a number of layers, e.g. "
+                             "feature:1") from None
         n = len(target.model.layers)
         if not 1 <= k <= n:
             raise ValueError(f"draft init {spec!r}: a feature draft keeps 1..{n} of the target's last layers")

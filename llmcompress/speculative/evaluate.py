@@ -228,7 +228,7 @@ def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
         raise ValueError("speculative evaluation needs the target's tokenizer; the model folder has none")
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
 
-    calib = corpus.train_batches(8, 128) if draft_spec.startswith("important:") else None
+    calib = corpus.train_batches(8, 128) if draft_spec.startswith(("important:", "feature:")) else None
     draft = init_draft(target, draft_spec, calib)
     if cfg.draft_vocab:
         from llmcompress.data import token_stream

@@ -297,7 +297,8 @@ def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.T
     f_in = feats[:, :-1]
     if cfg.noise > 0:
         rms = f_in.pow(2).mean().sqrt()
-        f_in = f_in + torch.randn(f_in.shape, generator=generator, device=f_in.device, dtype=f_in.dtype) * cfg.noise * rms
+        noise = torch.randn(f_in.shape, generator=generator, device=f_in.device, dtype=f_in.dtype)
+        f_in = f_in + noise * cfg.noise * rms
     h, q_logits = draft(f_in, tokens[:, 1:])  # [B, S-1, D], [B, S-1, V]
     head = draft.body.lm_head
     if hasattr(head, "keep"):
@@ -312,10 +313,12 @@ def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.T
 
 @torch.no_grad()
 def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folder: str | Path, chunk: int = 32,
-                           progress: Callable[[str, int, int], None] | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's greedy continuations of `prompts` [N, P] and its features over them, made `chunk` prompts at a
-    time into `folder` (one safetensors file per chunk: a rerun continues where it stopped).
+                           progress: Callable[[str, int, int], None] | None = None, temperature: float = 0.0,
+                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's continuations of `prompts` [N, P] (greedy, or sampled at `temperature`, chunk i seeded
+    seed + i) and its features over them, made `chunk` prompts at a
+    time into `folder` (one safetensors file per chunk: a rerun continues where it stopped). new_tokens 0: the
+    features of `prompts` themselves (fixed text).
     -> (tokens [N, P + new_tokens], features [N, P + new_tokens, D] float16)"""
     from llmcompress.speculative.train import generate
 
@@ -323,6 +326,8 @@ def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folde
     folder.mkdir(parents=True, exist_ok=True)
     ident = {"prompts_sum": int(prompts.sum()), "shape": list(prompts.shape), "new_tokens": new_tokens,
              "chunk": chunk, "layers": len(target.model.layers), "hidden": target.config.hidden_size}
+    if temperature > 0:  # greedy continuations do not depend on the seed
+        ident |= {"temperature": temperature, "seed": seed}
     meta = folder / "sequences.json"
     if meta.is_file() and json.loads(meta.read_text()) != ident:
         raise ValueError(f"{folder} holds target sequences made with other settings; use another folder")
@@ -331,7 +336,8 @@ def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folde
     for i, c in enumerate(range(0, len(prompts), chunk)):
         path = folder / f"seq-{i:05d}.safetensors"
         if not path.is_file():
-            seq = generate(target, prompts[c:c + chunk], new_tokens, 0.0, 0)  # [b, P + new]
+            part = prompts[c:c + chunk].to(next(target.parameters()).device)
+            seq = generate(target, part, new_tokens, temperature, seed + i) if new_tokens else part  # [b, P + new]
             f = target_features(target, seq, None).half()  # [b, P + new, D]
             save_file({"tokens": seq.cpu(), "features": f.cpu().contiguous()}, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").rename(path)
@@ -366,9 +372,14 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     ckpt = Path(out) / "checkpoint"
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "log": [], "acceptance": []}
+    ident = cfg.model_dump(exclude={"steps", "tokens", "seconds", "checkpoint_every", "eval_every"}) | {
+        "windows": list(windows.shape), "offline": features is not None, "params": sorted(params)}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "log": [], "acceptance": [], "identity": ident}
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
+        if state.get("identity") != ident:
+            raise ValueError(f"{ckpt} holds a feature-draft run with other settings; give another output folder "
+                             "or delete that checkpoint to start over")
         saved = load_file(str(ckpt / "draft.safetensors"))
         with torch.no_grad():
             for k, p in params.items():
@@ -436,5 +447,6 @@ def _save(folder: Path, params: dict, opt, state: dict) -> None:
     tmp.rename(folder / "state.json")
 
 
-__all__ = ["FeatureDistillConfig", "FeatureDraft", "cache_target_sequences", "feature_draft_loss", "feature_speculative_decode",
+__all__ = ["FeatureDistillConfig", "FeatureDraft", "cache_target_sequences", "feature_draft_loss",
+           "feature_speculative_decode",
            "feature_step_cost", "is_feature_draft", "target_features", "target_forward", "train_feature_draft"]

@@ -279,6 +279,8 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
 
     if getattr(target, "tokenizer", None) is None:
         raise ValueError("distilling a draft needs the target's tokenizer; the model folder has none")
+    if init.startswith("feature:"):
+        return _distill_feature(target, init, corpus, cfg, out, num_samples, progress)
     windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
     draft = init_draft(target, init, windows[:8])
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
@@ -294,6 +296,60 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
         report["draft_vocab"] = cfg.draft_vocab
     report |= {"init": init, "init_layers": getattr(draft, "init_layers", None), "draft": str(out / "model"),
                "draft_layers": len(draft.model.layers), "train_sequences": len(windows)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, num_samples: int,
+                     progress: Callable[[str, int, int], None] | None) -> dict:
+    """`distill` for a feature draft (`init` feature:K): fixed text or the target's greedy continuations, the
+    target online in every step or its features cached once (offline); loss = `feature_weight` x SmoothL1 on
+    features + the divergence on logits (`llmcompress.speculative.feature_draft`)."""
+    from llmcompress.speculative.draft_init import init_draft
+    from llmcompress.speculative.evaluate import prompts_from_texts
+    from llmcompress.speculative.feature_draft import (FeatureDistillConfig, cache_target_sequences,
+                                                       feature_speculative_decode, train_feature_draft)
+
+    if cfg.data not in ("fixed", "target"):
+        raise ValueError(f"a feature draft trains on fixed text or the target's continuations, not {cfg.data!r} "
+                         "(its proposals read the target's features); use data fixed or target")
+    windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
+    features = None
+    if cfg.data == "target" or not cfg.online:
+        seqs = windows[:, : cfg.prompt_tokens] if cfg.data == "target" else windows
+        windows, features = cache_target_sequences(target, seqs, cfg.new_tokens if cfg.data == "target" else 0,
+                                                   out / "sequences", cfg.gen_batch_size or 32, progress,
+                                                   cfg.gen_temperature, cfg.seed)
+        if cfg.online:
+            features = None  # the sequences are kept; the target still runs inside each step
+    draft = init_draft(target, init, windows[:4])
+    keep = None
+    if cfg.draft_vocab:
+        from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids
+        from llmcompress.speculative.vocab import token_counts as counts_of
+
+        keep = frequent_tokens(counts_of(windows[:, cfg.prompt_tokens:], target.config.vocab_size), cfg.draft_vocab,
+                               special_ids(target.tokenizer))
+        restrict_vocab(draft.body, keep)
+    prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
+
+    def evaluate(d) -> dict:
+        stats = DecodeStats(gamma=cfg.eval_gamma)
+        for p in prompts:
+            stats = stats.merge(feature_speculative_decode(target, d, p, cfg.eval_new_tokens, cfg.eval_gamma)[1])
+        return {"alpha": stats.alpha, "tau": stats.tau, "acceptance_rate": stats.acceptance_rate}
+
+    fcfg = FeatureDistillConfig(divergence=cfg.divergence, feature_weight=cfg.feature_weight, logit_weight=1.0,
+                                temperature=cfg.temperature, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps,
+                                tokens=cfg.tokens, seconds=cfg.seconds, checkpoint_every=cfg.checkpoint_every,
+                                eval_every=cfg.eval_every, seed=cfg.seed)
+    report = train_feature_draft(target, draft, windows, fcfg, out, evaluate, progress, features)
+    for e in report["acceptance"]:
+        e["tokens"] = e["step"] * cfg.batch_size * windows.shape[1]
+    draft.save(out / "model")
+    report |= {"init": init, "init_layers": draft.init_layers, "draft": str(out / "model"), "data": cfg.data,
+               "online": cfg.online, "divergence": cfg.divergence, "draft_layers": len(draft.model.layers),
+               "train_sequences": len(windows), "draft_vocab": cfg.draft_vocab}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -69,6 +69,9 @@ class SubsetHead(torch.nn.Module):
 def restrict_vocab(draft, keep: torch.Tensor):
     """Give `draft` (in place) an LM head over the ids `keep`; returns the draft. Its input embeddings are
     untouched (the draft still reads any token the target emits)."""
+    if hasattr(draft, "body"):  # a feature draft: the head is its body's
+        restrict_vocab(draft.body, keep)
+        return draft
     head = draft.get_output_embeddings()
     if isinstance(head, SubsetHead):
         raise ValueError("the draft's vocabulary is already restricted; restrict the original draft")

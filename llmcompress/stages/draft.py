@@ -18,7 +18,8 @@ from llmcompress.stages.base import Stage, StageContext
 class DraftStage(Stage, DistillConfig):
     type: Literal["draft"] = "draft"
     changes_model: ClassVar[bool] = False
-    init: str = Field("layers:6", description="layers:K, important:K (of the current model) or a model spec")
+    init: str = Field("layers:6", description="layers:K, important:K, feature:K (of the current model) or a model "
+                      "spec")
     output: str = Field("draft", description="folder of the distilled draft and its training checkpoint")
     num_samples: int = Field(64, gt=0, description="training sequences drawn from the data section")
 

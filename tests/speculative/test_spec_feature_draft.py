@@ -116,3 +116,78 @@ def test_bad_inputs(tiny_target):
     with pytest.raises(ValueError, match="budget"):
         train_feature_draft(tiny_target, draft, torch.zeros(2, 4, dtype=torch.long),
                             FeatureDistillConfig(steps=None), "unused")
+
+
+def _call(*args):
+    from typer.testing import CliRunner
+
+    from llmcompress.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_draft_command_trains_a_feature_draft_on_target_sequences(tiny_hf_dir, corpus_file, tmp_path):
+    from llmcompress.models import load
+    from llmcompress.speculative.draft_init import init_draft
+
+    args = ["draft", "--target", tiny_hf_dir, "--init", "feature:1", "--data", "target", "--offline",
+            "--steps", 2, "--prompt-tokens", 8, "--new-tokens", 8, "--num-samples", 8, "--eval-every", 2,
+            "--eval-prompts", 1, "--eval-new-tokens", 8, "--draft-vocab", 40, "--lr", 1e-3,
+            "--corpus", corpus_file, "--heldout-rows", 10, "--out", tmp_path / "d"]
+    r = _call(*args)
+    assert r.exit_code == 0, r.output
+    import json
+
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["steps"] == 2 and [e["step"] for e in report["acceptance"]] == [2]
+    assert report["data"] == "target" and not report["online"] and report["train_sequences"] == 8
+    assert sorted(p.name for p in (tmp_path / "d" / "sequences").glob("seq-*")) == ["seq-00000.safetensors"]
+    target = load(str(tiny_hf_dir))
+    draft = init_draft(target, str(tmp_path / "d" / "model"))  # a saved feature draft loads as one
+    assert isinstance(draft, FeatureDraft) and draft.lm_head.weight.shape[0] == 40
+    prompt = torch.tensor([PROMPTS[0]])
+    assert torch.equal(feature_speculative_decode(target, draft, prompt, 10, gamma=3)[0],
+                       target_decode(target, prompt, 10)[0])
+    r = _call("draft", "--target", tiny_hf_dir, "--init", "feature:1", "--data", "on-policy",
+              "--corpus", corpus_file, "--heldout-rows", 10, "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "fixed text or the target" in " ".join(r.output.split()), r.output
+
+
+def test_eval_measures_a_feature_draft(tiny_hf_dir, corpus_file, tmp_path):
+    import json
+
+    report = tmp_path / "r.json"
+    r = _call("eval", tiny_hf_dir, "--no-perplexity", "--no-speed", "--data", corpus_file, "--heldout-rows", 10,
+              "--draft", "feature:1", "--gammas", "1,3", "--spec-prompts", 2, "--spec-new-tokens", 5,
+              "--report", report)
+    assert r.exit_code == 0, r.output
+    spec = json.loads(report.read_text())["speculative"]
+    assert spec["draft_kind"] == "feature" and spec["draft_layers"] == 1
+    assert all(g["identical_output"] for g in spec["gammas"]) and 0 < spec["cost_ratio_c"]
+    r = _call("eval", tiny_hf_dir, "--no-perplexity", "--no-speed", "--draft", "feature:x")
+    assert r.exit_code == 2 and "feature:K" in r.output, r.output
+
+
+def test_balanced_inputs_equalise_feature_and_embedding(tiny_target):
+    calib = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    draft = FeatureDraft.from_target(tiny_target, calib=calib)
+    rms = draft.balance_inputs(tiny_target, calib)
+    with torch.no_grad():
+        f = target_features(tiny_target, calib, None)
+        e = tiny_target.model.embed_tokens(calib)
+        d = f.shape[-1]
+        part_f = f @ draft.fc.weight[:, :d].T
+        part_e = e @ draft.fc.weight[:, d:].T
+    rf, re = part_f.pow(2).mean().sqrt(), part_e.pow(2).mean().sqrt()
+    assert torch.allclose(rf, re, rtol=1e-4)
+    assert torch.allclose(rf * 2 ** 0.5, torch.tensor(rms["residual"]), rtol=1e-4)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    target = micro_model(vocab=6, layers=2, seed=0, hidden=32)
+    windows = torch.randint(0, 6, (8, 12), generator=torch.Generator().manual_seed(0))
+    cfg = FeatureDistillConfig(steps=2, batch_size=4)
+    train_feature_draft(target, FeatureDraft.from_target(target), windows, cfg, tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        train_feature_draft(target, FeatureDraft.from_target(target), windows,
+                            cfg.model_copy(update={"lr": 1e-2, "steps": 3}), tmp_path)
