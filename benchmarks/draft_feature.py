@@ -80,8 +80,8 @@ def main(argv=None) -> int:
                           prompt_tokens=args.prompt_tokens)
 
     t0 = time.perf_counter()
-    seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, work / f"sequences-{args.name}",
-                                         args.chunk)
+    folder = work / f"sequences-{len(train)}x{args.prompt_tokens}+{args.train_new_tokens}"  # shared by runs
+    seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
     data_s = time.perf_counter() - t0
     counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
     keep = frequent_tokens(counts, args.draft_vocab, special_ids(tok))
