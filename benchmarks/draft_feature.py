@@ -10,6 +10,11 @@ special tokens). Rows: the undistilled draft (balanced fc, copied last layer) an
 Writes benchmarks/results/<name>.{json,md}.
 
     python benchmarks/draft_feature.py [--train-prompts 480] [--steps 600] [--threads 1]
+
+Training on a lent GPU, measuring here: `--train-device cuda --export DIR` makes the data and trains there (budget
+--steps and/or --train-seconds) and writes the draft's trained tensors in float16 (feature_draft.safetensors,
+about 8 MB for one layer), its proposal ids and the training report to DIR without measuring anything; `--trained
+DIR` then measures that draft here (benchmarks/draft_gpu.sh with FEATURE=1 runs the GPU half).
 """
 
 from __future__ import annotations
@@ -27,6 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
 
 import torch  # noqa: E402
+
+
+def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s: float, device: str):
+    """Train a copy of `start` offline on the cached target sequences. -> (draft, training report)"""
+    from llmcompress.speculative.feature_draft import FeatureDistillConfig, train_feature_draft
+
+    steps = None if args.train_seconds and not args.steps else args.steps
+    every = args.eval_every or max((steps or 400) // 4, 1)
+    cfg = FeatureDistillConfig(divergence=args.divergence, feature_weight=args.feature_weight,
+                               logit_weight=args.logit_weight, noise=args.noise, batch_size=args.batch_size,
+                               lr=args.lr, steps=steps, seconds=args.train_seconds, eval_every=every,
+                               checkpoint_every=every)
+    draft = copy.deepcopy(start)
+    t0 = time.perf_counter()
+    rep = train_feature_draft(target, draft, seqs, cfg, work / f"train-{args.name}", evaluate=acceptance,
+                              features=feats)
+    dev_name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
+    return draft, rep | {"seconds_this_run": time.perf_counter() - t0, "data_seconds": data_s,
+                         "train_sequences": len(seqs), "device": dev_name}
 
 
 def main(argv=None) -> int:
@@ -50,6 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", default="2,3,4,5")
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads while measuring speed")
+    ap.add_argument("--prompts-per-doc", type=int, default=1,
+                    help="training prompts framed from each training document's consecutive pieces")
+    ap.add_argument("--train-seconds", type=float, default=None, help="wall-clock training budget")
+    ap.add_argument("--train-device", default="cpu", help="where the draft is trained (cuda: with --export)")
+    ap.add_argument("--export", default=None, help="train, write the draft here, measure nothing")
+    ap.add_argument("--trained", default=None, help="measure the draft --export wrote to this folder")
+    ap.add_argument("--target", default="default", help="the target model (a GGUF path on a lent machine)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-draft-feature"))
     ap.add_argument("--name", default="draft-feature")
     ap.add_argument("--smoke", action="store_true")
@@ -57,10 +88,16 @@ def main(argv=None) -> int:
 
     from llmcompress.models import load
     from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts
-    from llmcompress.speculative.feature_draft import (FeatureDistillConfig, FeatureDraft, cache_target_sequences,
-                                                       feature_speculative_decode, train_feature_draft)
+    from llmcompress.speculative.feature_draft import (FeatureDraft, cache_target_sequences,
+                                                       feature_speculative_decode)
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
 
+    if args.export and args.trained:
+        ap.error("--export trains a draft, --trained measures one: give one of them")
+    if args.train_device != "cpu" and not args.export:
+        ap.error(f"--train-device {args.train_device} needs --export: speed is measured on this CPU")
+    if args.trained and not (Path(args.trained) / "export.json").is_file():
+        ap.error(f"--trained {args.trained}: no export.json there; give the folder that --export wrote")
     if args.smoke:
         args.train_prompts, args.chunk, args.train_new_tokens, args.steps = 8, 4, 16, 4
         args.eval_prompts, args.new_tokens, args.gammas = 2, 16, "2,3"
@@ -68,26 +105,40 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     torch.set_num_threads(args.train_threads)
-    target = load("default")
+    device = args.train_device if args.export else "cpu"
+    target = load(args.target, device=device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # training only; the measured drafts run in fp32 on the CPU
     tok = target.tokenizer
     data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
     rows = [json.loads(line)["text"] for line in open(data_file)]
-    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens)  # [N, P]
+    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
+                                per_doc=args.prompts_per_doc)  # [N, P]
     held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
     prompts = [p[None] for p in held]
     gammas = [int(g) for g in args.gammas.split(",")]
     ecfg = SpecEvalConfig(gammas=gammas, prompts=len(prompts), new_tokens=args.new_tokens,
                           prompt_tokens=args.prompt_tokens)
 
-    t0 = time.perf_counter()
-    folder = work / f"sequences-{len(train)}x{args.prompt_tokens}+{args.train_new_tokens}"  # shared by runs
-    seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
-    data_s = time.perf_counter() - t0
-    counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
-    keep = frequent_tokens(counts, args.draft_vocab, special_ids(tok))
-
-    start = FeatureDraft.from_target(target, list(range(len(target.model.layers) - args.layers,
-                                                        len(target.model.layers))), calib=seqs[:4])
+    n_layers = len(target.model.layers)
+    layers = list(range(n_layers - args.layers, n_layers))
+    if args.trained:  # the draft of a lent GPU: its proposal ids and trained tensors, its start rebuilt here
+        info = json.loads((Path(args.trained) / "export.json").read_text())
+        trained = FeatureDraft.load(target, args.trained)
+        if trained.init_layers != layers:
+            ap.error(f"--trained {args.trained} holds a draft of layers {trained.init_layers}; pass --layers "
+                     f"{len(trained.init_layers)}")
+        keep, seqs, feats, data_s = trained.lm_head.keep, None, None, info["training"]["data_seconds"]
+        calib = torch.tensor(info["calib"])
+    else:
+        t0 = time.perf_counter()
+        folder = work / f"sequences-{len(train)}x{args.prompt_tokens}+{args.train_new_tokens}"  # shared by runs
+        seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
+        data_s = time.perf_counter() - t0
+        counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
+        keep = frequent_tokens(counts, args.draft_vocab, special_ids(tok))
+        calib = seqs[:4]
+    start = FeatureDraft.from_target(target, layers, calib=calib.to(device))
     restrict_vocab(start.body, keep)
 
     def measure(draft) -> dict:
@@ -105,18 +156,21 @@ def main(argv=None) -> int:
         return {"alpha": s / max(o, 1)}
 
     init = f"feature:{args.layers}"
+    if args.export:
+        draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
+        draft.save(args.export, dtype=torch.float16)
+        info = {"training": training, "calib": calib.tolist(), "settings": vars(args), "commit": git_commit(),
+                "machine": machine()}
+        (Path(args.export) / "export.json").write_text(json.dumps(info, indent=1, default=str))
+        print(f"trained {init}: {training['steps']} steps, {training['tokens']:,} tokens, "
+              f"{training['seconds']:.0f} s on {training['device']}; written to {args.export}")
+        return 0
     results = [{"draft": f"{init} undistilled", "training": None, "eval": measure(start)}]
-    cfg = FeatureDistillConfig(divergence=args.divergence, feature_weight=args.feature_weight,
-                               logit_weight=args.logit_weight, noise=args.noise, batch_size=args.batch_size,
-                               lr=args.lr, steps=args.steps, eval_every=args.eval_every or max(args.steps // 4, 1),
-                               checkpoint_every=max(args.steps // 8, 1))
-    draft = copy.deepcopy(start)
-    t0 = time.perf_counter()
-    rep = train_feature_draft(target, draft, seqs, cfg, work / f"train-{args.name}", evaluate=acceptance,
-                              features=feats)
-    training = rep | {"seconds_this_run": time.perf_counter() - t0, "data_seconds": data_s,
-                      "train_sequences": len(seqs), "device": "cpu"}
-    draft.save(work / f"draft-{args.name}")
+    if args.trained:
+        draft, training = trained, info["training"] | {"exported_as": "float16"}
+    else:
+        draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
+        draft.save(work / f"draft-{args.name}")
     results.append({"draft": f"{init} {args.divergence}/target/offline", "training": training,
                     "eval": measure(draft)})
 
@@ -135,25 +189,29 @@ def main(argv=None) -> int:
              "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in results:
         t = r["training"]
-        train_s = "-" if t is None else f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
+        train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
+                                         + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
         for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
             lines.append(f"| {r['draft']} vocab {args.draft_vocab} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | "
                          f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
                          f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
                          f"{row['identical_output']} |")
     hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in training["acceptance"])
+    ts = info["settings"] if args.trained else vars(args)
     lines += ["", f"Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens): {hist}", "",
               f"- protocol: {base['protocol']}",
               f"- draft: fc([f_t ; e(x_t+1)]) (balanced scaled identities at start) -> a copy of the target's last "
               f"{args.layers} layer(s) -> the target's final norm -> the target's LM head over the {args.draft_vocab} "
               "ids most frequent in the training continuations (plus special tokens); the target's true features "
               "replace the draft's own after every verification",
-              f"- training (offline): {len(seqs)} target greedy continuations of {args.train_new_tokens} tokens after "
-              f"{args.prompt_tokens}-token training prompts, made and featurised once in {data_s / 60:.1f} min "
-              f"(this run; 0 when reused); {rep['steps']} steps of batch {args.batch_size} x {seqs.shape[1]} tokens, "
-              f"lr {args.lr}, loss = {args.feature_weight} x SmoothL1(features) + {args.logit_weight} x "
-              f"{args.divergence}(p, q) over the draft's ids; top-1 agreement on training batches "
-              f"{rep['top1_first']:.2f} (first 10 steps) -> {rep['top1_last']:.2f} (last 10)",
+              f"- training (offline) on {training['device']}: {training['train_sequences']} target greedy "
+              f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts, "
+              f"made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps of batch "
+              f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}, loss = "
+              f"{ts['feature_weight']} x SmoothL1(features) + {ts['logit_weight']} x {ts['divergence']}(p, q) over "
+              f"the draft's ids; top-1 agreement on training batches {training['top1_first']:.2f} (first 10 steps) "
+              f"-> {training['top1_last']:.2f} (last 10)" + (
+                  "; trained tensors brought here in float16" if args.trained else ""),
               "- reproduce: `python benchmarks/draft_feature.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"
     js, mdp = write_results(args.name + ("-smoke" if args.smoke else ""), report, md,

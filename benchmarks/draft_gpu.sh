@@ -14,6 +14,11 @@
 #                                           420), write each to $OUT/draft-<init> (e.g. $OUT/draft-layers6).
 #                                           GEN_T=1: target continuations sampled at that temperature, in fresh
 #                                           pools of GEN_BATCH (default 512), instead of greedy ones.
+#                                           FEATURE=1: instead, train the feature draft of
+#                                           benchmarks/draft_feature.py (FEATURE_LAYERS, default 1) for TRAIN_S
+#                                           seconds on greedy target continuations (TRAIN_PROMPTS, default 6400),
+#                                           into $OUT/feature-draft; measure it here with
+#                                           python benchmarks/draft_feature.py --trained <that folder>
 #                                           One call brings back about 64 MB: what does not fit stays in
 #                                           $KEEP/export and the log says so
 #   bash benchmarks/draft_gpu.sh fetch      there, next call: the next files that fit (repeat until done)
@@ -92,6 +97,18 @@ print("speculative decode on", out.device, "alpha", round(stats.alpha, 3))
 with tempfile.TemporaryDirectory() as d:
     export_draft(pathlib.Path(d), draft, rep["continuation_counts"], {"spec": "smoke"})
     print("export", sorted(p.name for p in pathlib.Path(d).iterdir()))
+from llmcompress.speculative.feature_draft import (FeatureDistillConfig, FeatureDraft, cache_target_sequences,
+                                                   feature_speculative_decode, train_feature_draft)
+fd = FeatureDraft.from_target(target, calib=windows[:2].to(dev))
+with tempfile.TemporaryDirectory() as d:
+    seqs, feats = cache_target_sequences(target, windows[:, :8].to(dev), 16, pathlib.Path(d) / "seq", chunk=8)
+    rep = train_feature_draft(target, fd, seqs, FeatureDistillConfig(steps=6, batch_size=4, lr=3e-3),
+                              pathlib.Path(d) / "train", features=feats)
+    fd.save(pathlib.Path(d) / "fd", dtype=torch.float16)
+    back = FeatureDraft.load(target, pathlib.Path(d) / "fd")
+print("feature draft steps", rep["steps"], "loss", round(rep["loss_first"], 3), "->", round(rep["loss_last"], 3))
+out, stats = feature_speculative_decode(target, back, prompts[0].to(dev), 8, 2)
+print("feature speculative decode on", out.device, "alpha", round(stats.alpha, 3))
 print("SMOKE OK")
 EOF
   ;;
@@ -107,6 +124,15 @@ train)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
   set -o pipefail
   rm -rf $KEEP/export
+  if [ -n "${FEATURE:-}" ]; then  # the feature draft (benchmarks/draft_feature.py), into $KEEP/export/feature-draft
+    python3 benchmarks/draft_feature.py --target $KEEP/$GGUF_NAME --train-device cuda \
+      --export "$KEEP/export/feature-draft" --layers "${FEATURE_LAYERS:-1}" --train-seconds "${TRAIN_S:-420}" \
+      --steps 0 --batch-size "${BATCH:-64}" --train-prompts "${TRAIN_PROMPTS:-6400}" --prompts-per-doc 8 \
+      --chunk "${GEN_BATCH:-512}" --eval-every "${EVERY:-200}" --lr "${LR:-1e-3}" \
+      --work "$KEEP/work-feature" 2>&1 | tee -a "$OUT/train.log"
+    ship
+    exit 0
+  fi
   for init in ${INITS:-layers:6}; do  # one draft per --init, each with TRAIN_S seconds, into $KEEP/export/draft-<init>
     python3 benchmarks/draft.py --target $KEEP/$GGUF_NAME --train-device cuda --export "$KEEP/export/draft-${init/:/}" \
       --init "$init" --config "$CONFIG" --train-seconds "${TRAIN_S:-420}" --steps 0 --batch-size "${BATCH:-128}" \

@@ -137,11 +137,12 @@ class FeatureDraft(nn.Module):
         """What training moves: fc and the decoder layers (embedding, final norm and head stay the target's)."""
         return {k: p for k, p in self.named_parameters() if k.startswith("fc.") or ".layers." in k}
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the trained tensors and what rebuilds the draft from its target (`load`)."""
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the trained tensors (in `dtype`, default their own) and what rebuilds the draft from its target
+        (`load`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable().items()},
+        save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable().items()},
                   str(folder / "feature_draft.safetensors"))
         meta = {"kind": "feature", "layers": getattr(self, "init_layers", None),
                 "vocab": [int(i) for i in self.body.lm_head.keep] if hasattr(self.body.lm_head, "keep") else None}
