@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         calib = torch.tensor(info["calib"])
     else:
         t0 = time.perf_counter()
-        folder = work / f"sequences-{len(train)}x{args.prompt_tokens}+{args.train_new_tokens}"  # shared by runs
+        folder = work / f"sequences-{args.prompt_tokens}+{args.train_new_tokens}-per{args.prompts_per_doc}"
         seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
         data_s = time.perf_counter() - t0
         counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)

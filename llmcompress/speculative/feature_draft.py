@@ -318,15 +318,16 @@ def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folde
                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's continuations of `prompts` [N, P] (greedy, or sampled at `temperature`, chunk i seeded
     seed + i) and its features over them, made `chunk` prompts at a
-    time into `folder` (one safetensors file per chunk: a rerun continues where it stopped). new_tokens 0: the
-    features of `prompts` themselves (fixed text).
+    time into `folder` (one safetensors file per chunk: a rerun continues where it stopped, and a call with more
+    prompts that begin with the same ones reuses their chunks; each chunk is checked to hold its prompts).
+    new_tokens 0: the features of `prompts` themselves (fixed text).
     -> (tokens [N, P + new_tokens], features [N, P + new_tokens, D] float16)"""
     from llmcompress.speculative.train import generate
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ident = {"prompts_sum": int(prompts.sum()), "shape": list(prompts.shape), "new_tokens": new_tokens,
-             "chunk": chunk, "layers": len(target.model.layers), "hidden": target.config.hidden_size}
+    ident = {"prompt_tokens": prompts.shape[1], "new_tokens": new_tokens, "chunk": chunk,
+             "layers": len(target.model.layers), "hidden": target.config.hidden_size}
     if temperature > 0:  # greedy continuations do not depend on the seed
         ident |= {"temperature": temperature, "seed": seed}
     meta = folder / "sequences.json"
@@ -343,6 +344,8 @@ def cache_target_sequences(target, prompts: torch.Tensor, new_tokens: int, folde
             save_file({"tokens": seq.cpu(), "features": f.cpu().contiguous()}, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").rename(path)
         part = load_file(str(path))
+        if not torch.equal(part["tokens"][:, : prompts.shape[1]], prompts[c:c + chunk].cpu()):
+            raise ValueError(f"{path} holds the sequences of other prompts; use another folder")
         seqs.append(part["tokens"])
         feats.append(part["features"])
         if progress:

@@ -191,3 +191,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         train_feature_draft(target, FeatureDraft.from_target(target), windows,
                             cfg.model_copy(update={"lr": 1e-2, "steps": 3}), tmp_path)
+
+
+def test_cached_sequences_are_reused_by_prefix_and_checked(tmp_path):
+    from llmcompress.speculative.feature_draft import cache_target_sequences
+
+    target = micro_model(vocab=6, layers=2, seed=0, hidden=32)
+    prompts = torch.randint(0, 6, (6, 4), generator=torch.Generator().manual_seed(0))
+    seqs, feats = cache_target_sequences(target, prompts[:4], 5, tmp_path, chunk=2)
+    assert seqs.shape == (4, 9) and feats.shape == (4, 9, 32) and feats.dtype == torch.float16
+    assert torch.equal(seqs[:, :4], prompts[:4])
+    assert torch.equal(seqs[:1], target_decode(target, prompts[:1], 5)[0])  # greedy continuations
+    with torch.no_grad():
+        assert torch.allclose(feats[:1].float(), target_features(target, seqs[:1], None), atol=1e-2)
+    stamp = (tmp_path / "seq-00000.safetensors").stat().st_mtime_ns
+    more, _ = cache_target_sequences(target, prompts, 5, tmp_path, chunk=2)  # two more prompts: one new chunk
+    assert torch.equal(more[:4], seqs) and more.shape == (6, 9)
+    assert (tmp_path / "seq-00000.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other prompts"):
+        cache_target_sequences(target, prompts.flip(0), 5, tmp_path, chunk=2)
+    with pytest.raises(ValueError, match="other settings"):
+        cache_target_sequences(target, prompts, 3, tmp_path, chunk=2)
