@@ -133,6 +133,53 @@ def training_line(args, results: list[dict]) -> str:
             + (", TF32 matmuls, the trained tensors brought here in float16" if where != "cpu" else ""))
 
 
+def prompt_sets(args, tok):
+    """Training prompts [N, P] (first 800 rows), held-out prompts (last 200 rows, each [1, P]) and the evaluation
+    settings, from --train-prompts, --prompts-per-doc, --eval-prompts, --prompt-tokens, --new-tokens, --gammas."""
+    from llmcompress.speculative.evaluate import SpecEvalConfig, instruction_prompts
+
+    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
+    rows = [json.loads(line)["text"] for line in open(data_file)]
+    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
+                                per_doc=args.prompts_per_doc)  # [N, P]
+    held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
+    prompts = [p[None] for p in held]
+    ecfg = SpecEvalConfig(gammas=[int(g) for g in args.gammas.split(",")], prompts=len(prompts),
+                          new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens)
+    return train, prompts, ecfg
+
+
+def measurer(args, target, prompts: list, ecfg):
+    """draft -> `evaluate_speculative` report, timed with --threads (training goes on with --train-threads)."""
+    from llmcompress.speculative.evaluate import evaluate_speculative
+
+    def measure(draft) -> dict:
+        torch.set_num_threads(args.threads)
+        try:
+            return evaluate_speculative(target, draft, prompts, ecfg)
+        finally:
+            torch.set_num_threads(args.train_threads)
+
+    return measure
+
+
+def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str]:
+    """Markdown rows (header included): one per draft and gamma, tau against the undistilled draft `base`'s;
+    `suffix` follows each draft's name."""
+    lines = ["| draft | training | gamma | alpha | tau | tau / undistilled | c | predicted speed-up | "
+             "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for r in results:
+        t = r["training"]
+        train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
+                                         + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
+        for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
+            lines.append(f"| {r['draft']}{suffix} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | "
+                         f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
+                         f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
+                         f"{row['identical_output']} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--init", default="layers:6")
@@ -176,7 +223,6 @@ def main(argv=None) -> int:
 
     from llmcompress.models import load
     from llmcompress.speculative.draft_init import init_draft
-    from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids
 
     configs = args.config or DEFAULT_CONFIGS
@@ -198,22 +244,9 @@ def main(argv=None) -> int:
     if args.train_device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # training only; the measured drafts run in fp32 on the CPU
     tok = target.tokenizer
-    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
-    rows = [json.loads(line)["text"] for line in open(data_file)]
-    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
-                                per_doc=args.prompts_per_doc)  # [N, P]
-    held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
-    prompts = [p[None] for p in held]
-    gammas = [int(g) for g in args.gammas.split(",")]
-    ecfg = SpecEvalConfig(gammas=gammas, prompts=len(prompts), new_tokens=args.new_tokens,
-                          prompt_tokens=args.prompt_tokens)
+    train, prompts, ecfg = prompt_sets(args, tok)
 
-    def measure(draft) -> dict:
-        torch.set_num_threads(args.threads)
-        try:
-            return evaluate_speculative(target, draft, prompts, ecfg)
-        finally:
-            torch.set_num_threads(args.train_threads)
+    measure = measurer(args, target, prompts, ecfg)
 
     torch.set_num_threads(args.train_threads)
     start = init_draft(target, args.init)
@@ -251,18 +284,7 @@ def main(argv=None) -> int:
              f"threads, training {trained_from}; whole run {wall / 60:.1f} min\n",
              f"{len(prompts)} held-out prompts (\"Summarise: <document>\" chat prompts of {args.prompt_tokens} tokens "
              f"from the last 200 rows), {args.new_tokens} new tokens each, batch 1. Target alone: "
-             f"{base['target_tok_s']:.1f} tok/s.\n",
-             "| draft | training | gamma | alpha | tau | tau / undistilled | c | predicted speed-up | "
-             "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
-    for r in results:
-        t = r["training"]
-        train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
-                                         + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
-        for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
-            lines.append(f"| {r['draft']} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | {row['tau']:.2f} | "
-                         f"{row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
-                         f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
-                         f"{row['identical_output']} |")
+             f"{base['target_tok_s']:.1f} tok/s.\n"] + results_table(results, base)
     lines += ["", "Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens):", ""]
     for r in results[1:]:
         if " vocab " in r["draft"]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
+from draft import measurer, prompt_sets, results_table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -87,7 +87,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from llmcompress.models import load
-    from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts
     from llmcompress.speculative.feature_draft import (FeatureDraft, cache_target_sequences,
                                                        feature_speculative_decode)
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
@@ -110,15 +109,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # training only; the measured drafts run in fp32 on the CPU
     tok = target.tokenizer
-    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
-    rows = [json.loads(line)["text"] for line in open(data_file)]
-    train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
-                                per_doc=args.prompts_per_doc)  # [N, P]
-    held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
-    prompts = [p[None] for p in held]
-    gammas = [int(g) for g in args.gammas.split(",")]
-    ecfg = SpecEvalConfig(gammas=gammas, prompts=len(prompts), new_tokens=args.new_tokens,
-                          prompt_tokens=args.prompt_tokens)
+    train, prompts, ecfg = prompt_sets(args, tok)
 
     n_layers = len(target.model.layers)
     layers = list(range(n_layers - args.layers, n_layers))
@@ -141,12 +132,7 @@ def main(argv=None) -> int:
     start = FeatureDraft.from_target(target, layers, calib=calib.to(device))
     restrict_vocab(start.body, keep)
 
-    def measure(draft) -> dict:
-        torch.set_num_threads(args.threads)
-        try:
-            return evaluate_speculative(target, draft, prompts, ecfg)
-        finally:
-            torch.set_num_threads(args.train_threads)
+    measure = measurer(args, target, prompts, ecfg)
 
     def acceptance(draft) -> dict:  # alpha at gamma 3 on 4 held-out prompts, 48 tokens (as benchmarks/draft.py)
         s = o = 0.0
@@ -184,18 +170,7 @@ def main(argv=None) -> int:
              f"threads, training with {args.train_threads}; whole run {wall / 60:.1f} min\n",
              f"{len(prompts)} held-out prompts (\"Summarise: <document>\" chat prompts of {args.prompt_tokens} tokens "
              f"from the last 200 rows), {args.new_tokens} new tokens each, batch 1. Target alone: "
-             f"{base['target_tok_s']:.1f} tok/s.\n",
-             "| draft | training | gamma | alpha | tau | tau / undistilled | c | predicted speed-up | "
-             "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
-    for r in results:
-        t = r["training"]
-        train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
-                                         + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
-        for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
-            lines.append(f"| {r['draft']} vocab {args.draft_vocab} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | "
-                         f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
-                         f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
-                         f"{row['identical_output']} |")
+             f"{base['target_tok_s']:.1f} tok/s.\n"] + results_table(results, base, f" vocab {args.draft_vocab}")
     hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in training["acceptance"])
     ts = info["settings"] if args.trained else vars(args)
     lines += ["", f"Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens): {hist}", "",

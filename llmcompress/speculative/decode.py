@@ -102,6 +102,31 @@ def verify(draft_tokens: list[int], q: torch.Tensor, p: torch.Tensor, greedy: bo
     return n, int(p[n].argmax()) if greedy else sample(p[n], generator)
 
 
+def verify_round(drafted: list[int], qs: list[torch.Tensor], qls: list[torch.Tensor], pl: torch.Tensor,
+                 temperature: float, generator: torch.Generator | None, stats: DecodeStats) -> tuple[int, int]:
+    """One verification: `verify` on the draft's q [gamma] x [V] and the target's logits pl [gamma + 1, V], and the
+    round counted into `stats` (the alpha integrand over the accepted positions and the first rejected one).
+    -> (accepted count, next token)"""
+    gamma = len(drafted)
+    n, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), temperature == 0, generator)
+    k = min(n + 1, gamma)
+    stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
+    stats.overlap_count += k
+    stats.target_calls += 1
+    stats.drafted += gamma
+    stats.accepted += n
+    stats.accepted_per_call.append(n)
+    return n, nxt
+
+
+def cut_at_eos(seq: torch.Tensor, new: list[int], eos_token_id: int | None) -> tuple[torch.Tensor, bool]:
+    """`seq` [1, L] ends with this round's `new` tokens: cut it after the first EOS among them.
+    -> (seq, whether decoding ends)"""
+    if eos_token_id is not None and eos_token_id in new:
+        return seq[:, : seq.shape[1] - len(new) + new.index(eos_token_id) + 1], True
+    return seq, False
+
+
 # ----------------------------------------------------------------------------- caches
 def cache_len(cache: DynamicCache) -> int:
     return cache.get_seq_length() if len(cache.layers) else 0
@@ -186,23 +211,14 @@ def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
             d_seq = torch.cat([d_seq, d_seq.new_tensor([[tok]])], 1)
         # verify all of them in one target pass: logits [gamma + 1, V] at the last seq token and each draft
         pl = feed(target, seq, tcache, seq.new_tensor([drafted]))[-(gamma + 1):]
-        p = probs(pl, temperature)
-        n, nxt = verify(drafted, torch.stack(qs), p, greedy, generator)
-        # alpha integrand on the path: the accepted positions and the first rejected one
-        k = min(n + 1, gamma)
-        stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
-        stats.overlap_count += k
-        stats.target_calls += 1
-        stats.drafted += gamma
-        stats.accepted += n
-        stats.accepted_per_call.append(n)
+        n, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
         new = drafted[:n] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)
         # roll back: both caches keep at most seq[:, :-1] (the draft may lack the last accepted token)
         rollback(tcache, seq.shape[1] - 1)
         rollback(dcache, seq.shape[1] - 1)
-        if eos_token_id is not None and eos_token_id in new:
-            seq = seq[:, : seq.shape[1] - len(new) + new.index(eos_token_id) + 1]
+        seq, stop = cut_at_eos(seq, new, eos_token_id)
+        if stop:
             break
     seq = seq[:, :end]
     stats.new_tokens = seq.shape[1] - prompt.shape[1]
@@ -228,4 +244,4 @@ def _check_prompt(prompt: torch.Tensor) -> None:
 
 
 __all__ = ["DecodeStats", "hf_assisted_decode", "probs", "residual", "rollback", "sample", "speculative_decode",
-           "target_decode", "verify"]
+           "target_decode", "verify", "verify_round", "cut_at_eos"]

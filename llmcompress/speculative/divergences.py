@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
 KINDS = ("fkl", "rkl", "jsd", "tvd", "accept")
 
@@ -99,6 +102,14 @@ def parse(spec: str) -> tuple[str, float]:
     return kind, beta
 
 
+def _checked(spec: str) -> str:
+    parse(spec)
+    return spec
+
+
+DivergenceSpec = Annotated[str, AfterValidator(_checked)]  # a config field holding a divergence name (see `parse`)
+
+
 def token_divergence(spec: str, target_logits, draft_logits, temperature: float = 1.0) -> torch.Tensor:
     """The divergence named by `spec` (see `parse`) per token. [..., V] x2 -> [...]"""
     kind, beta = parse(spec)
@@ -121,5 +132,5 @@ def divergence_loss(spec: str, target_logits, draft_logits, mask=None, temperatu
     return masked_mean(token_divergence(spec, target_logits, draft_logits, temperature), mask)
 
 
-__all__ = ["KINDS", "acceptance", "acceptance_loss", "divergence_loss", "forward_kl", "jsd", "masked_mean",
+__all__ = ["DivergenceSpec", "KINDS", "acceptance", "acceptance_loss", "divergence_loss", "forward_kl", "jsd", "masked_mean",
            "parse", "reverse_kl", "token_divergence", "total_variation"]

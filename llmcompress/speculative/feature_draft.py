@@ -27,15 +27,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
 from llmcompress.models.modeling_llmcompress import head_linear
-from llmcompress.speculative.decode import DecodeStats, _check_prompt, probs, rollback, sample, verify
+from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_eos, probs, rollback, sample,
+                                            verify_round)
 from llmcompress.speculative import divergences
-from llmcompress.speculative.divergences import acceptance
+from llmcompress.speculative.divergences import DivergenceSpec
 
 
 FEATURE_FILE = "feature_draft.json"
@@ -220,22 +221,15 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
             f_in, x_in = h[:, -1:], seq.new_tensor([[tok]])
         fv, pl = target_forward(target, torch.cat([seq[:, -1:], seq.new_tensor([drafted])], 1), tcache)
         pl, fv = pl[0], fv[0]  # [gamma + 1, V], [gamma + 1, D]: positions n .. n + gamma
-        m, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), greedy, generator)
-        k = min(m + 1, gamma)
-        stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
-        stats.overlap_count += k
-        stats.target_calls += 1
-        stats.drafted += gamma
-        stats.accepted += m
-        stats.accepted_per_call.append(m)
+        m, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
         new = drafted[:m] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)
         feats = torch.cat([feats, fv[: m + 1]])
         rollback(tcache, seq.shape[1] - 1)
         rollback(dcache, n)  # keep the entries built from true features
         fed = n
-        if eos_token_id is not None and eos_token_id in new:
-            seq = seq[:, : seq.shape[1] - len(new) + new.index(eos_token_id) + 1]
+        seq, stop = cut_at_eos(seq, new, eos_token_id)
+        if stop:
             break
     seq = seq[:, :end]
     stats.new_tokens = seq.shape[1] - prompt.shape[1]
@@ -268,7 +262,7 @@ class FeatureDistillConfig(BaseModel):
     """Online training of a feature draft (the `draft` stage's fields when `init` is feature:K)."""
 
     model_config = ConfigDict(extra="forbid")
-    divergence: str = Field("fkl", description="the logit term: fkl, rkl, tvd, accept, jsd or jsd:BETA")
+    divergence: DivergenceSpec = Field("fkl", description="the logit term: fkl, rkl, tvd, accept, jsd or jsd:BETA")
     feature_weight: float = Field(1.0, ge=0, description="weight of SmoothL1(f_hat, f)")
     logit_weight: float = Field(0.1, ge=0, description="weight of the divergence between p and q")
     temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
@@ -282,12 +276,6 @@ class FeatureDistillConfig(BaseModel):
     checkpoint_every: int = Field(50, gt=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0
-
-    @field_validator("divergence")
-    @classmethod
-    def _divergence(cls, v):
-        divergences.parse(v)
-        return v
 
 
 def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Tensor, target_logits: torch.Tensor,

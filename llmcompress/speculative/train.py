@@ -32,10 +32,11 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from llmcompress.speculative import divergences
+from llmcompress.speculative.divergences import DivergenceSpec
 from llmcompress.speculative.decode import DecodeStats, speculative_decode
 from llmcompress.speculative.vocab import token_counts
 
@@ -46,7 +47,7 @@ class DistillConfig(BaseModel):
     """How a draft is distilled. These fields are the `draft` stage's recipe section and the CLI's options."""
 
     model_config = ConfigDict(extra="forbid")
-    divergence: str = Field("fkl", description="fkl, rkl, tvd, accept, jsd or jsd:BETA")
+    divergence: DivergenceSpec = Field("fkl", description="fkl, rkl, tvd, accept, jsd or jsd:BETA")
     data: DataSource = "on-policy"
     mixture: float = Field(0.5, ge=0, le=1, description="lambda: share of on-policy batches when data=mixture")
     online: bool = Field(True, description="target logits and features computed inside each step")
@@ -78,12 +79,6 @@ class DistillConfig(BaseModel):
     eval_gamma: int = Field(4, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     seed: int = 0
-
-    @field_validator("divergence")
-    @classmethod
-    def _divergence(cls, v):
-        divergences.parse(v)
-        return v
 
     @model_validator(mode="after")
     def _check(self):
