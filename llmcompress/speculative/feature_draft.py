@@ -10,8 +10,9 @@ While drafting, its own predicted features stand in for the target's. After each
 true features of the accepted positions replace them: the draft's KV cache keeps only entries built from true
 features. Decoding stays exactly lossless (same acceptance rule as `decode.speculative_decode`).
 
-Training is online (`train_feature_draft`): the frozen target runs inside every step on text windows and
-supplies its features f and its logits; loss = SmoothL1(f_hat, f) * `feature_weight` + a divergence between the
+Training (`train_feature_draft`) is online, with the frozen target inside every step on the token windows
+supplying its features f and its logits, or offline, with those features made once (`cache_target_sequences`,
+which also makes the target's continuations); loss = SmoothL1(f_hat, f) * `feature_weight` + a divergence between the
 target's p and the draft's q * `logit_weight` (fkl: the soft cross-entropy less p's entropy, same gradient), both
 over every position (no prompt to mask in fixed text).
 The logits are compared over the draft's proposal ids when it has a subset head. Everything but the draft's fc
