@@ -139,7 +139,6 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     Per prompt, target-only decoding and each gamma run back to back, so slow drifts of machine load
     affect all of them alike."""
     from llmcompress.speculative.draft_init import check_compatible
-
     from llmcompress.speculative.feature_draft import feature_speculative_decode, is_feature_draft
 
     check_compatible(target, draft)

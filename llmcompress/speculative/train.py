@@ -61,7 +61,8 @@ class DistillConfig(BaseModel):
                                        "sampled ones: a pool of fresh samples for random prompts, each used once")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
-    feature_weight: float = Field(0.1, ge=0, description="online: weight of the SmoothL1 feature loss")
+    feature_weight: float = Field(0.1, ge=0, description="weight of the SmoothL1 feature loss (layer drafts: "
+                                  "online only; feature drafts: always, the divergence weighs 1)")
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
