@@ -133,13 +133,18 @@ def training_line(args, results: list[dict]) -> str:
             + (", TF32 matmuls, the trained tensors brought here in float16" if where != "cpu" else ""))
 
 
+def data_rows() -> list[str]:
+    """The texts of calib_wikihow.jsonl ($LLMCOMPRESS_DATA or ../shared/data)."""
+    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
+    return [json.loads(line)["text"] for line in open(data_file)]
+
+
 def prompt_sets(args, tok):
     """Training prompts [N, P] (first 800 rows), held-out prompts (last 200 rows, each [1, P]) and the evaluation
     settings, from --train-prompts, --prompts-per-doc, --eval-prompts, --prompt-tokens, --new-tokens, --gammas."""
     from llmcompress.speculative.evaluate import SpecEvalConfig, instruction_prompts
 
-    data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
-    rows = [json.loads(line)["text"] for line in open(data_file)]
+    rows = data_rows()
     train = instruction_prompts(tok, rows[:800], args.train_prompts, args.prompt_tokens,
                                 per_doc=args.prompts_per_doc)  # [N, P]
     held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
-from draft import measurer, prompt_sets, results_table  # noqa: E402
+from draft import data_rows, measurer, prompt_sets, results_table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -53,6 +53,16 @@ def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s:
                          "train_sequences": len(seqs), "device": dev_name}
 
 
+def fixed_windows(args, tok) -> torch.Tensor:
+    """Non-overlapping windows of --prompt-tokens + --train-new-tokens tokens of the first 800 rows' text (shuffled
+    with seed 0), --fixed-windows of them (-1: all). -> [N, S]"""
+    from llmcompress.data import pack, token_stream
+
+    stream = token_stream(tok, data_rows()[:800])  # [T]
+    n = None if args.fixed_windows < 0 else args.fixed_windows
+    return pack(stream, args.prompt_tokens + args.train_new_tokens, n, seed=0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=1, help="decoder layers of the draft (copies of the target's last)")
@@ -74,6 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", default="2,3,4,5")
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads while measuring speed")
+    ap.add_argument("--fixed-windows", type=int, default=0,
+                    help="also train on this many windows of the training documents' own text (-1: all of them), "
+                         "featurised once by a teacher-forced target pass (EAGLE's fixed-data recipe; cheap next to "
+                         "generating continuations)")
     ap.add_argument("--prompts-per-doc", type=int, default=1,
                     help="training prompts framed from each training document's consecutive pieces")
     ap.add_argument("--train-seconds", type=float, default=None, help="wall-clock training budget")
@@ -120,13 +134,19 @@ def main(argv=None) -> int:
             ap.error(f"--trained {args.trained} holds a draft of layers {trained.init_layers}; pass --layers "
                      f"{len(trained.init_layers)}")
         keep, seqs, feats, data_s = trained.lm_head.keep, None, None, info["training"]["data_seconds"]
+        n_fixed = info["training"].get("fixed_windows", 0)
         calib = torch.tensor(info["calib"])
     else:
         t0 = time.perf_counter()
         folder = work / f"sequences-{args.prompt_tokens}+{args.train_new_tokens}-per{args.prompts_per_doc}"
         seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
-        data_s = time.perf_counter() - t0
+        n_fixed = 0
         counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
+        if args.fixed_windows:
+            fixed = fixed_windows(args, tok)
+            fseqs, ffeats = cache_target_sequences(target, fixed, 0, work / f"fixed-{fixed.shape[1]}", args.chunk)
+            seqs, feats, n_fixed = torch.cat([seqs, fseqs]), torch.cat([feats, ffeats]), len(fseqs)
+        data_s = time.perf_counter() - t0
         keep = frequent_tokens(counts, args.draft_vocab, special_ids(tok))
         calib = seqs[:4]
     start = FeatureDraft.from_target(target, layers, calib=calib.to(device))
@@ -144,6 +164,7 @@ def main(argv=None) -> int:
     init = f"feature:{args.layers}"
     if args.export:
         draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
+        training["fixed_windows"] = n_fixed
         draft.save(args.export, dtype=torch.float16)
         info = {"training": training, "calib": calib.tolist(), "settings": vars(args), "commit": git_commit(),
                 "machine": machine()}
@@ -156,8 +177,10 @@ def main(argv=None) -> int:
         draft, training = trained, info["training"] | {"exported_as": "float16"}
     else:
         draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
+        training["fixed_windows"] = n_fixed
         draft.save(work / f"draft-{args.name}")
-    results.append({"draft": f"{init} {args.divergence}/target/offline", "training": training,
+    data = "target+fixed" if n_fixed else "target"
+    results.append({"draft": f"{init} {args.divergence}/{data}/offline", "training": training,
                     "eval": measure(draft)})
 
     wall = time.perf_counter() - t_all
@@ -179,9 +202,11 @@ def main(argv=None) -> int:
               f"{args.layers} layer(s) -> the target's final norm -> the target's LM head over the {args.draft_vocab} "
               "ids most frequent in the training continuations (plus special tokens); the target's true features "
               "replace the draft's own after every verification",
-              f"- training (offline) on {training['device']}: {training['train_sequences']} target greedy "
-              f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts, "
-              f"made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps of batch "
+              f"- training (offline) on {training['device']}: {training['train_sequences'] - n_fixed} target greedy "
+              f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts"
+              + (f", plus {n_fixed} windows of {ts['prompt_tokens'] + ts['train_new_tokens']} tokens of the first 800 "
+                 "rows' own text (features from one teacher-forced target pass, logits from the target's head)"
+                 if n_fixed else "") + f", made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps of batch "
               f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}, loss = "
               f"{ts['feature_weight']} x SmoothL1(features) + {ts['logit_weight']} x {ts['divergence']}(p, q) over "
               f"the draft's ids; top-1 agreement on training batches {training['top1_first']:.2f} (first 10 steps) "
