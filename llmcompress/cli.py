@@ -229,6 +229,8 @@ def draft(
     divergence: Annotated[str, typer.Option(help="fkl, rkl, tvd, accept, jsd or jsd:BETA")] = "fkl",
     data: Annotated[str, typer.Option(help="training sequences: fixed, target, on-policy or mixture")] = "on-policy",
     mixture: Annotated[float, typer.Option(help="lambda: share of on-policy batches with --data mixture")] = 0.5,
+    with_fixed_text: Annotated[bool, typer.Option(help="--init feature:K --data target: also train on the corpus "
+                                                       "text itself (cheap to featurise, less overfitting)")] = False,
     online: Annotated[bool, typer.Option("--online/--offline", help="frozen target inside each step (logits + "
                                          "features), or precomputed top-k target log-probs")] = True,
     steps: Annotated[Optional[int], typer.Option(help="training steps (budget)")] = 200,
@@ -272,7 +274,8 @@ def draft(
             raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if data not in ("fixed", "target", "on-policy", "mixture"):
             raise UserError(f"--data {data!r} is not one of fixed, target, on-policy, mixture")
-        cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, online=online, steps=steps,
+        cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, with_fixed_text=with_fixed_text,
+                            online=online, steps=steps,
                             tokens=tokens, seconds=seconds, batch_size=batch_size,
                             gen_batch_size=gen_batch_size, lr=lr, prompt_tokens=prompt_tokens,
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,

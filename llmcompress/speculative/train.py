@@ -59,6 +59,9 @@ class DistillConfig(BaseModel):
                                        "generate call: fewer, fuller calls (GPU). Greedy ones (made once per "
                                        "prompt): the batch's new prompts topped up with others not made yet; "
                                        "sampled ones: a pool of fresh samples for random prompts, each used once")
+    with_fixed_text: bool = Field(False, description="feature drafts with data target: also train on the windows' "
+                                  "own text (its features cost one teacher-forced target pass, far less than "
+                                  "generating); more, more varied data keeps the small draft from overfitting")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="weight of the SmoothL1 feature loss (layer drafts: "
@@ -88,6 +91,9 @@ class DistillConfig(BaseModel):
         if not self.online and self.data in ("on-policy", "mixture"):
             raise ValueError(f"data {self.data!r} samples from the draft as it trains, so the target's logits "
                              "cannot be precomputed; use online: true (or data fixed/target)")
+        if self.with_fixed_text and self.data != "target":
+            raise ValueError(f"with_fixed_text adds the corpus text to the target's continuations, but data is "
+                             f"{self.data!r}; use data target (data fixed already trains on that text)")
         return self
 
 
@@ -277,6 +283,9 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
         raise ValueError("distilling a draft needs the target's tokenizer; the model folder has none")
     if init.startswith("feature:"):
         return _distill_feature(target, init, corpus, cfg, out, num_samples, progress)
+    if cfg.with_fixed_text:
+        raise ValueError(f"with_fixed_text is for feature drafts (init feature:K), not {init!r}; for a layer "
+                         "draft use data mixture or fixed")
     windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
     draft = init_draft(target, init, windows[:8])
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
@@ -310,12 +319,19 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
         raise ValueError(f"a feature draft trains on fixed text or the target's continuations, not {cfg.data!r} "
                          "(its proposals read the target's features); use data fixed or target")
     windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
+    n_text = len(windows) if cfg.with_fixed_text else 0
     features = None
     if cfg.data == "target" or not cfg.online:
         seqs = windows[:, : cfg.prompt_tokens] if cfg.data == "target" else windows
+        text = windows
         windows, features = cache_target_sequences(target, seqs, cfg.new_tokens if cfg.data == "target" else 0,
                                                    out / "sequences", cfg.gen_batch_size or 32, progress,
                                                    cfg.gen_temperature, cfg.seed)
+        if cfg.with_fixed_text:  # the windows' own text beside their continuations, in one shuffled set
+            if not cfg.online:
+                features = torch.cat([features, cache_target_sequences(
+                    target, text, 0, out / "fixed-text", cfg.gen_batch_size or 32, progress)[1]])
+            windows = torch.cat([windows, text])
         if cfg.online:
             features = None  # the sequences are kept; the target still runs inside each step
     draft = init_draft(target, init, windows[:4])
@@ -324,7 +340,8 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
         from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids
         from llmcompress.speculative.vocab import token_counts as counts_of
 
-        keep = frequent_tokens(counts_of(windows[:, cfg.prompt_tokens:], target.config.vocab_size), cfg.draft_vocab,
+        conts = windows[: len(windows) - n_text, cfg.prompt_tokens:]  # the continuations (not the added text)
+        keep = frequent_tokens(counts_of(conts, target.config.vocab_size), cfg.draft_vocab,
                                special_ids(target.tokenizer))
         restrict_vocab(draft.body, keep)
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
@@ -345,7 +362,7 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
     draft.save(out / "model")
     report |= {"init": init, "init_layers": draft.init_layers, "draft": str(out / "model"), "data": cfg.data,
                "online": cfg.online, "divergence": cfg.divergence, "draft_layers": len(draft.model.layers),
-               "train_sequences": len(windows), "draft_vocab": cfg.draft_vocab}
+               "train_sequences": len(windows), "fixed_text_sequences": n_text, "draft_vocab": cfg.draft_vocab}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

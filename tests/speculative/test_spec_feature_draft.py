@@ -153,6 +153,38 @@ def test_draft_command_trains_a_feature_draft_on_target_sequences(tiny_hf_dir, c
     assert r.exit_code == 2 and "fixed text or the target" in " ".join(r.output.split()), r.output
 
 
+def test_draft_command_adds_the_corpus_text_to_target_sequences(tiny_hf_dir, corpus_file, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from llmcompress.models import load
+
+    base = ["draft", "--target", tiny_hf_dir, "--init", "feature:1", "--steps", 1, "--prompt-tokens", 8,
+            "--new-tokens", 8, "--num-samples", 8, "--eval-every", 1, "--eval-prompts", 1, "--eval-new-tokens", 4,
+            "--corpus", corpus_file, "--heldout-rows", 10]
+    r = _call(*base, "--data", "target", "--offline", "--with-fixed-text", "--out", tmp_path / "d")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["train_sequences"] == 16 and report["fixed_text_sequences"] == 8
+    cont = load_file(str(tmp_path / "d" / "sequences" / "seq-00000.safetensors"))
+    text = load_file(str(tmp_path / "d" / "fixed-text" / "seq-00000.safetensors"))
+    # the same 8 corpus windows: their prompts were continued by the target, their own text is added as it is
+    assert torch.equal(text["tokens"][:, :8], cont["tokens"][:, :8])
+    assert not torch.equal(text["tokens"], cont["tokens"])
+    target = load(str(tiny_hf_dir))
+    torch.testing.assert_close(text["features"].float(), target_features(target, text["tokens"], None).float(),
+                               atol=2e-2, rtol=1e-2)
+    r = _call(*base, "--data", "target", "--online", "--with-fixed-text", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["train_sequences"] == 16
+    assert not (tmp_path / "o" / "fixed-text").exists()  # online: the target featurises inside each step
+    r = _call(*base, "--data", "fixed", "--with-fixed-text", "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "use data target" in " ".join(r.output.split()), r.output
+    r = _call(*base, "--init", "layers:1", "--data", "target", "--with-fixed-text", "--out", tmp_path / "f")
+    assert r.exit_code == 2 and "for feature drafts" in " ".join(r.output.split()), r.output
+
+
 def test_eval_measures_a_feature_draft(tiny_hf_dir, corpus_file, tmp_path):
     import json
 
