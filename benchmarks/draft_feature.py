@@ -206,7 +206,9 @@ def main(argv=None) -> int:
               f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts"
               + (f", plus {n_fixed} windows of {ts['prompt_tokens'] + ts['train_new_tokens']} tokens of the first 800 "
                  "rows' own text (features from one teacher-forced target pass, logits from the target's head)"
-                 if n_fixed else "") + f", made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps of batch "
+                 if n_fixed else "")
+              + f", made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps "
+              f"of batch "
               f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}, loss = "
               f"{ts['feature_weight']} x SmoothL1(features) + {ts['logit_weight']} x {ts['divergence']}(p, q) over "
               f"the draft's ids; top-1 agreement on training batches {training['top1_first']:.2f} (first 10 steps) "

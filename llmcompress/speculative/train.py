@@ -61,7 +61,8 @@ class DistillConfig(BaseModel):
                                        "sampled ones: a pool of fresh samples for random prompts, each used once")
     with_fixed_text: bool = Field(False, description="feature drafts with data target: also train on the windows' "
                                   "own text (its features cost one teacher-forced target pass, far less than "
-                                  "generating); more, more varied data keeps the small draft from overfitting")
+                                  "generating): more, and more varied, data for a draft that overfits the "
+                                  "continuations alone")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="weight of the SmoothL1 feature loss (layer drafts: "
