@@ -132,5 +132,5 @@ def divergence_loss(spec: str, target_logits, draft_logits, mask=None, temperatu
     return masked_mean(token_divergence(spec, target_logits, draft_logits, temperature), mask)
 
 
-__all__ = ["DivergenceSpec", "KINDS", "acceptance", "acceptance_loss", "divergence_loss", "forward_kl", "jsd", "masked_mean",
-           "parse", "reverse_kl", "token_divergence", "total_variation"]
+__all__ = ["DivergenceSpec", "KINDS", "acceptance", "acceptance_loss", "divergence_loss", "forward_kl", "jsd",
+           "masked_mean", "parse", "reverse_kl", "token_divergence", "total_variation"]

@@ -323,8 +323,7 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
     n_text = len(windows) if cfg.with_fixed_text else 0
     features = None
     if cfg.data == "target" or not cfg.online:
-        seqs = windows[:, : cfg.prompt_tokens] if cfg.data == "target" else windows
-        text = windows
+        text, seqs = windows, (windows[:, : cfg.prompt_tokens] if cfg.data == "target" else windows)
         windows, features = cache_target_sequences(target, seqs, cfg.new_tokens if cfg.data == "target" else 0,
                                                    out / "sequences", cfg.gen_batch_size or 32, progress,
                                                    cfg.gen_temperature, cfg.seed)
