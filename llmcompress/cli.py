@@ -281,6 +281,9 @@ def draft(
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
                             eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens,
                             draft_vocab=draft_vocab)
+        if with_fixed_text and not init.startswith("feature:"):  # before the model and corpus are made
+            raise UserError(f"--with-fixed-text is for feature drafts (--init feature:K), not {init!r}; for a "
+                            "layer draft use --data mixture or fixed")
         graph = load(target, dtype=DTYPES[dtype], device=device)
         text = Corpus(DataConfig(source=corpus, field=field, heldout_rows=heldout_rows), graph.tokenizer,
                       teacher=graph, cache=cache_dir())

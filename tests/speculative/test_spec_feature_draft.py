@@ -183,6 +183,7 @@ def test_draft_command_adds_the_corpus_text_to_target_sequences(tiny_hf_dir, cor
     assert r.exit_code == 2 and "use data target" in " ".join(r.output.split()), r.output
     r = _call(*base, "--init", "layers:1", "--data", "target", "--with-fixed-text", "--out", tmp_path / "f")
     assert r.exit_code == 2 and "for feature drafts" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "f").exists()
 
 
 def test_eval_measures_a_feature_draft(tiny_hf_dir, corpus_file, tmp_path):
