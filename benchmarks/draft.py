@@ -171,14 +171,15 @@ def measurer(args, target, prompts: list, ecfg):
 def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str]:
     """Markdown rows (header included): one per draft and gamma, tau against the undistilled draft `base`'s;
     `suffix` follows each draft's name."""
-    lines = ["| draft | training | gamma | alpha | tau | tau / undistilled | c | predicted speed-up | "
-             "measured speed-up | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| draft | training | gamma | alpha | kept by position | tau | tau / undistilled | c | "
+             "predicted speed-up | measured speed-up | identical |", "|---|---|--:|--:|---|--:|--:|--:|--:|--:|---|"]
     for r in results:
         t = r["training"]
         train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
                                          + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
         for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
-            lines.append(f"| {r['draft']}{suffix} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | "
+            kept = " / ".join(f"{a:.2f}" for a in row.get("acceptance_by_position", [])) or "-"
+            lines.append(f"| {r['draft']}{suffix} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | {kept} | "
                          f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
                          f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
                          f"{row['identical_output']} |")

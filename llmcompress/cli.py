@@ -208,10 +208,12 @@ def _render_speculative(s: dict) -> None:
     title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers, "
              f"head over {s['draft_vocab']:,} ids), c = {s['cost_ratio_c']:.3f}")
     table = Table(title=title, title_justify="left")
-    for col in ("gamma", "alpha", "tau", "accepted", "predicted speed-up", "measured speed-up", "identical output"):
+    for col in ("gamma", "alpha", "tau", "accepted", "kept by position", "predicted speed-up", "measured speed-up",
+                "identical output"):
         table.add_column(col, justify="right")
     for g in s["gammas"]:
-        table.add_row(str(g["gamma"]), f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}",
+        kept = " ".join(f"{a:.2f}" for a in g["acceptance_by_position"])
+        table.add_row(str(g["gamma"]), f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}", kept,
                       f"{g['predicted_speedup']:.2f}x", f"{g['measured_speedup']:.2f}x",
                       {True: "yes", False: "NO", None: "n/a"}[g["identical_output"]])
     out_console.print(table)

@@ -51,6 +51,14 @@ class DecodeStats:
         """Fraction of drafted tokens kept."""
         return self.accepted / max(self.drafted, 1)
 
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Entry k: of the target calls whose draft tokens 1..k were all kept, the fraction that kept token k + 1
+        too (conditional acceptance per draft position; a draft that drifts on its own proposals falls off)."""
+        n = self.accepted_per_call
+        reached = [sum(a >= k for a in n) for k in range(self.gamma + 1)]
+        return [reached[k + 1] / reached[k] if reached[k] else 0.0 for k in range(self.gamma)]
+
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         return DecodeStats(self.gamma or other.gamma, self.target_calls + other.target_calls,
                            self.drafted + other.drafted, self.accepted + other.accepted,
@@ -60,7 +68,7 @@ class DecodeStats:
     def as_dict(self) -> dict:
         return {"gamma": self.gamma, "target_calls": self.target_calls, "drafted": self.drafted,
                 "accepted": self.accepted, "new_tokens": self.new_tokens, "alpha": self.alpha, "tau": self.tau,
-                "acceptance_rate": self.acceptance_rate}
+                "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position}
 
 
 # ----------------------------------------------------------------------------- pure sampling steps

@@ -213,7 +213,8 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
                      f"{len(prompts)} held-out prompts of <= {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens "
                      "each, target alone and every gamma back to back per prompt; wall-clock includes prefill; "
                      "c = median cached decode-step time draft/target (alternating); alpha = mean sum min(p, q) "
-                     "(greedy: argmax agreement) on the decoded path"),
+                     "(greedy: argmax agreement) on the decoded path; kept by position k = the fraction of calls "
+                     "keeping draft token k among those that kept tokens 1..k-1"),
     }
 
 

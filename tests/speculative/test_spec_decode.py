@@ -5,8 +5,8 @@ import torch
 from scipy.stats import chisquare
 
 from _micro import micro_model
-from llmcompress.speculative.decode import (feed, prefill, residual, rollback, speculative_decode, target_decode,
-                                            verify)
+from llmcompress.speculative.decode import (DecodeStats, feed, prefill, residual, rollback, speculative_decode,
+                                            target_decode, verify)
 from llmcompress.speculative.draft_init import keep_layers
 from llmcompress.speculative.vocab import restrict_vocab
 
@@ -37,6 +37,16 @@ def test_self_draft_accepts_everything(tiny_target):
                                         generator=torch.Generator().manual_seed(0))
         assert stats.accepted == stats.drafted and stats.tau == 4 and stats.alpha == pytest.approx(1)
         assert stats.target_calls == 3 and out.shape[1] == prompt.shape[1] + 12
+        assert stats.acceptance_by_position == [1.0, 1.0, 1.0]
+
+
+def test_acceptance_by_position_is_conditional():
+    # calls kept 0, 1, 3, 2 and 3 of 3 draft tokens: position 1 kept in 4 of 5 calls, position 2 in 3 of those 4,
+    # position 3 in 2 of those 3
+    stats = DecodeStats(gamma=3, accepted_per_call=[0, 1, 3, 2, 3])
+    assert stats.acceptance_by_position == pytest.approx([4 / 5, 3 / 4, 2 / 3])
+    assert DecodeStats(gamma=2).acceptance_by_position == [0.0, 0.0]
+    assert "acceptance_by_position" in stats.as_dict()
 
 
 def test_rollback_restores_cache(tiny_target):
