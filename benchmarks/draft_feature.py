@@ -35,7 +35,9 @@ import torch  # noqa: E402
 
 
 def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s: float, device: str):
-    """Train a copy of `start` offline on the cached target sequences. -> (draft, training report)"""
+    """Train a copy of `start` (or of the --init-draft draft) offline on the cached target sequences.
+    -> (draft, training report)"""
+    from llmcompress.speculative.feature_draft import FeatureDraft
     from llmcompress.speculative.feature_draft import FeatureDistillConfig, train_feature_draft
 
     steps = None if args.train_seconds and not args.steps else args.steps
@@ -43,14 +45,22 @@ def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s:
     cfg = FeatureDistillConfig(divergence=args.divergence, feature_weight=args.feature_weight,
                                logit_weight=args.logit_weight, noise=args.noise, batch_size=args.batch_size,
                                lr=args.lr, steps=steps, seconds=args.train_seconds, eval_every=every,
-                               checkpoint_every=every)
+                               checkpoint_every=every, unroll=args.unroll)
     draft = copy.deepcopy(start)
+    if args.init_draft:  # go on training a saved draft: its trained tensors replace the start's
+        saved = FeatureDraft.load(target, args.init_draft)
+        if saved.init_layers != start.init_layers or not torch.equal(saved.lm_head.keep, start.lm_head.keep):
+            raise SystemExit(f"--init-draft {args.init_draft}: its layers or proposal ids differ from this run's "
+                             "(give the same --layers, --draft-vocab and training data)")
+        with torch.no_grad():
+            for k, p in draft.trainable().items():
+                p.copy_(saved.trainable()[k])
     t0 = time.perf_counter()
     rep = train_feature_draft(target, draft, seqs, cfg, work / f"train-{args.name}", evaluate=acceptance,
                               features=feats)
     dev_name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
     return draft, rep | {"seconds_this_run": time.perf_counter() - t0, "data_seconds": data_s,
-                         "train_sequences": len(seqs), "device": dev_name}
+                         "train_sequences": len(seqs), "device": dev_name, "init_draft": args.init_draft}
 
 
 def fixed_windows(args, tok) -> torch.Tensor:
@@ -76,6 +86,12 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-weight", type=float, default=0.1)
     ap.add_argument("--logit-weight", type=float, default=1.0)
     ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--unroll", type=int, default=1,
+                    help="train the proposals this deep, the draft reading its own predicted features beyond the "
+                         "first (EAGLE-3's training-time test)")
+    ap.add_argument("--init-draft", default=None,
+                    help="go on training the feature draft saved in this folder (e.g. work/draft-NAME of an earlier "
+                         "run) instead of the undistilled start")
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -211,8 +227,16 @@ def main(argv=None) -> int:
               f"of batch "
               f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}, loss = "
               f"{ts['feature_weight']} x SmoothL1(features) + {ts['logit_weight']} x {ts['divergence']}(p, q) over "
-              f"the draft's ids; top-1 agreement on training batches {training['top1_first']:.2f} (first 10 steps) "
-              f"-> {training['top1_last']:.2f} (last 10)" + (
+              f"the draft's ids"
+              + (f", proposals unrolled {ts['unroll']} deep (the draft reading its own predicted features beyond the "
+                 "first, EAGLE-3's training-time test; the loss the mean over depths)" if ts.get("unroll", 1) > 1
+                 else "")
+              + (f"; trained on from the draft in {ts['init_draft']} (its own run's notes give its training)"
+                 if ts.get("init_draft") else "")
+              + f"; top-1 agreement on training batches {training['top1_first']:.2f} (first 10 steps) "
+              f"-> {training['top1_last']:.2f} (last 10)"
+              + (" (by depth: " + " / ".join(f"{a:.2f}" for a in training["top1_last_by_depth"]) + ")"
+                 if len(training.get("top1_last_by_depth", [])) > 1 else "") + (
                   "; trained tensors brought here in float16" if args.trained else ""),
               "- reproduce: `python benchmarks/draft_feature.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"

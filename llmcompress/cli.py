@@ -233,6 +233,8 @@ def draft(
     mixture: Annotated[float, typer.Option(help="lambda: share of on-policy batches with --data mixture")] = 0.5,
     with_fixed_text: Annotated[bool, typer.Option(help="--init feature:K --data target: also train on the corpus "
                                                        "text itself (cheap to featurise, less overfitting)")] = False,
+    unroll: Annotated[int, typer.Option(help="--init feature:K: train the proposals this deep, the draft reading "
+                                             "its own predicted features beyond the first (EAGLE-3)")] = 1,
     online: Annotated[bool, typer.Option("--online/--offline", help="frozen target inside each step (logits + "
                                          "features), or precomputed top-k target log-probs")] = True,
     steps: Annotated[Optional[int], typer.Option(help="training steps (budget)")] = 200,
@@ -277,7 +279,7 @@ def draft(
         if data not in ("fixed", "target", "on-policy", "mixture"):
             raise UserError(f"--data {data!r} is not one of fixed, target, on-policy, mixture")
         cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, with_fixed_text=with_fixed_text,
-                            online=online, steps=steps,
+                            unroll=unroll, online=online, steps=steps,
                             tokens=tokens, seconds=seconds, batch_size=batch_size,
                             gen_batch_size=gen_batch_size, lr=lr, prompt_tokens=prompt_tokens,
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
@@ -286,6 +288,8 @@ def draft(
         if with_fixed_text and not init.startswith("feature:"):  # before the model and corpus are made
             raise UserError(f"--with-fixed-text is for feature drafts (--init feature:K), not {init!r}; for a "
                             "layer draft use --data mixture or fixed")
+        if unroll > 1 and not init.startswith("feature:"):
+            raise UserError(f"--unroll is for feature drafts (--init feature:K), not {init!r}; leave it at 1")
         graph = load(target, dtype=DTYPES[dtype], device=device)
         text = Corpus(DataConfig(source=corpus, field=field, heldout_rows=heldout_rows), graph.tokenizer,
                       teacher=graph, cache=cache_dir())

@@ -285,7 +285,12 @@ class LlmcNasModel(LlmcNasPreTrainedModel):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 4:  # bool [B or 1, 1, S, past + S], as given
+            if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (S, past + S):
+                raise ValueError(f"a 4-D attention mask must be bool [B, 1, {S}, {past + S}], got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            mask = attention_mask
+        elif attention_mask is not None and not bool(attention_mask.all()):
             # keys: [B, past+S] padding mask; queries may attend to key j if j <= past + i and not padded
             total = attention_mask.shape[-1]
             q_pos = torch.arange(past, past + S, device=x.device)[:, None]

@@ -127,12 +127,16 @@ class FeatureDraft(nn.Module):
     def lm_head(self):
         return self.body.lm_head
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, cache: DynamicCache | None = None
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, cache: DynamicCache | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features: [B, S, D] (f_t), tokens: [B, S] (x_{t+1}) -> (f_hat [B, S, D] (f_{t+1}), logits [B, S, V])"""
+        """features: [B, S, D] (f_t), tokens: [B, S] (x_{t+1}) -> (f_hat [B, S, D] (f_{t+1}), logits [B, S, V]).
+        position_ids [B, S] and a bool mask [B, 1, S, past + S] replace the cache's positions and causal mask
+        (`unrolled_forward`)."""
         e = self.body.model.embed_tokens(tokens)  # [B, S, D]
         x = self.fc(torch.cat([features.to(e.dtype), e], -1))
-        h, _, _ = self.body.model(inputs_embeds=x, cache=cache, use_cache=cache is not None)
+        h, _, _ = self.body.model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                  use_cache=cache is not None)
         return h, _logits(self.body, h)
 
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -269,6 +273,9 @@ class FeatureDistillConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="temperature of p and q in the divergence")
     noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the input features, relative "
                          "to their RMS (robustness to the draft's own, imperfect features)")
+    unroll: int = Field(1, ge=1, le=8, description="train the proposals this deep: beyond the first, the draft "
+                        "reads its own predicted features, as when it drafts (EAGLE-3's training-time test; each "
+                        "extra depth costs about one more draft pass per step)")
     batch_size: int = Field(8, gt=0)
     lr: float = Field(3e-4, gt=0)
     steps: int | None = Field(200, gt=0)
@@ -279,26 +286,63 @@ class FeatureDistillConfig(BaseModel):
     seed: int = 0
 
 
+def unroll_mask(length: int, depth: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The keys a depth-`depth` query may attend to in `unrolled_forward`. Keys come in `depth` blocks of `length`
+    positions, block k - 1 holding the depth-k entries. Query p sees the true entries j <= p - depth + 1 and, for
+    k = 2..depth, the depth-k entry at p - depth + k: the chain of proposals it was drafted after, as in decoding.
+    -> bool [1, 1, length, depth * length]"""
+    p = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    blocks = [j <= p - depth + 1] + [j == p - depth + k for k in range(2, depth + 1)]
+    return torch.cat(blocks, 1)[None, None]
+
+
+def unrolled_forward(draft: FeatureDraft, f_in: torch.Tensor, tokens: torch.Tensor, depth: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The draft run `depth` proposals deep at every position at once (EAGLE-3's training-time test).
+
+    f_in: [B, S, D] true features f_t, tokens: [B, S] x_{t+1}. Depth 1 is the plain pass. At depth d, position p
+    reads (h_{d-1}[p - 1], x_{p+1}): its own previous prediction of f_p in place of the true one, attending as in
+    `unroll_mask`; like depth 1 it predicts f_{p+1} and x_{p+2}. Positions p < d - 1 have no such chain and are
+    meaningless at depth d. -> [(h [B, S, D], logits [B, S, V])] per depth"""
+    B, S = tokens.shape
+    if depth == 1:
+        return [draft(f_in, tokens)]
+    cache = DynamicCache()  # the blocks of keys of the depths so far
+    pos = torch.arange(S, device=tokens.device)[None].expand(B, S)
+    outs = [draft(f_in, tokens, cache, pos)]
+    for d in range(2, depth + 1):
+        prev = torch.cat([f_in[:, :1], outs[-1][0][:, :-1]], 1)  # [B, S, D]: h_{d-1}[p - 1] (p = 0: a stand-in)
+        outs.append(draft(prev, tokens, cache, pos, unroll_mask(S, d, tokens.device)))
+    return outs
+
+
 def feature_draft_loss(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Tensor, target_logits: torch.Tensor,
                        cfg: FeatureDistillConfig, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, dict]:
     """feats: [B, S, D] target features, tokens: [B, S], target_logits: [B, S, K] (over the draft's ids) ->
-    (loss, parts). Position t reads (f_t, x_{t+1}) and is scored against f_{t+1} and p(. | x_{<= t+1})."""
+    (loss, parts). Position t reads (f_t, x_{t+1}) and is scored against f_{t+1} and p(. | x_{<= t+1}); with
+    `cfg.unroll` > 1 also each deeper proposal (`unrolled_forward`) against the same, the loss the mean over depths.
+    parts: the mean SmoothL1 and divergence, top-1 agreement at depth 1 (`top1`) and at each deeper one."""
     f_in = feats[:, :-1]
     if cfg.noise > 0:
         rms = f_in.pow(2).mean().sqrt()
         noise = torch.randn(f_in.shape, generator=generator, device=f_in.device, dtype=f_in.dtype)
         f_in = f_in + noise * cfg.noise * rms
-    h, q_logits = draft(f_in, tokens[:, 1:])  # [B, S-1, D], [B, S-1, V]
     head = draft.body.lm_head
-    if hasattr(head, "keep"):
-        q_logits = q_logits[..., head.keep]
-    feat = F.smooth_l1_loss(h.float(), feats[:, 1:].float())
-    div = divergences.divergence_loss(cfg.divergence, target_logits[:, 1:].float(), q_logits.float(),
-                                      temperature=cfg.temperature)
-    loss = cfg.feature_weight * feat + cfg.logit_weight * div
-    agree = (q_logits.argmax(-1) == target_logits[:, 1:].argmax(-1)).float().mean()
-    return loss, {"feature": feat.item(), "divergence": div.item(), "top1": agree.item()}
+    f_out, p_logits = feats[:, 1:].float(), target_logits[:, 1:].float()  # [B, S-1, D], [B, S-1, K]
+    loss, parts = 0.0, {"feature": 0.0, "divergence": 0.0}
+    for d, (h, q_logits) in enumerate(unrolled_forward(draft, f_in, tokens[:, 1:], cfg.unroll), 1):
+        if hasattr(head, "keep"):
+            q_logits = q_logits[..., head.keep]
+        h, q_logits, pl = h[:, d - 1:], q_logits[:, d - 1:], p_logits[:, d - 1:]  # the positions with a chain
+        feat = F.smooth_l1_loss(h.float(), f_out[:, d - 1:])
+        div = divergences.divergence_loss(cfg.divergence, pl, q_logits.float(), temperature=cfg.temperature)
+        loss = loss + (cfg.feature_weight * feat + cfg.logit_weight * div) / cfg.unroll
+        parts["feature"] += feat.item() / cfg.unroll
+        parts["divergence"] += div.item() / cfg.unroll
+        parts["top1" if d == 1 else f"top1_depth{d}"] = (q_logits.argmax(-1) == pl.argmax(-1)).float().mean().item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -428,6 +472,7 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
     return {"steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
             "loss_first": mean(first, "loss"), "loss_last": mean(tail, "loss"),
             "top1_first": mean(first, "top1"), "top1_last": mean(tail, "top1"),
+            "top1_last_by_depth": [mean(tail, "top1")] + [mean(tail, f"top1_depth{d}") for d in range(2, cfg.unroll + 1)],
             "acceptance": state["acceptance"], "config": cfg.model_dump()}
 
 
@@ -441,5 +486,5 @@ def _save(folder: Path, params: dict, opt, state: dict) -> None:
 
 
 __all__ = ["FeatureDistillConfig", "FeatureDraft", "cache_target_sequences", "feature_draft_loss",
-           "feature_speculative_decode",
-           "feature_step_cost", "is_feature_draft", "target_features", "target_forward", "train_feature_draft"]
+           "feature_speculative_decode", "feature_step_cost", "is_feature_draft", "target_features", "target_forward",
+           "train_feature_draft", "unroll_mask", "unrolled_forward"]

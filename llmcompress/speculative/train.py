@@ -63,6 +63,9 @@ class DistillConfig(BaseModel):
                                   "own text (its features cost one teacher-forced target pass, far less than "
                                   "generating): more, and more varied, data for a draft that overfits the "
                                   "continuations alone")
+    unroll: int = Field(1, ge=1, le=8, description="feature drafts: train the proposals this deep, each beyond "
+                        "the first reading the draft's own predicted features as when it drafts (EAGLE-3's "
+                        "training-time test)")
     prompt_tokens: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0, description="continuation length (generated, or fixed text)")
     feature_weight: float = Field(0.1, ge=0, description="weight of the SmoothL1 feature loss (layer drafts: "
@@ -287,6 +290,9 @@ def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_sample
     if cfg.with_fixed_text:
         raise ValueError(f"with_fixed_text is for feature drafts (init feature:K), not {init!r}; for a layer "
                          "draft use data mixture or fixed")
+    if cfg.unroll > 1:
+        raise ValueError(f"unroll is for feature drafts (init feature:K), not {init!r}: a layer draft already "
+                         "reads its own tokens, not the target's features; leave unroll at 1")
     windows = corpus.train_batches(num_samples, cfg.prompt_tokens + cfg.new_tokens)
     draft = init_draft(target, init, windows[:8])
     prompts = prompts_from_texts(target.tokenizer, corpus.heldout_texts, cfg.eval_prompts, cfg.prompt_tokens)
@@ -355,7 +361,7 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
     fcfg = FeatureDistillConfig(divergence=cfg.divergence, feature_weight=cfg.feature_weight, logit_weight=1.0,
                                 temperature=cfg.temperature, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps,
                                 tokens=cfg.tokens, seconds=cfg.seconds, checkpoint_every=cfg.checkpoint_every,
-                                eval_every=cfg.eval_every, seed=cfg.seed)
+                                eval_every=cfg.eval_every, seed=cfg.seed, unroll=cfg.unroll)
     report = train_feature_draft(target, draft, windows, fcfg, out, evaluate, progress, features)
     for e in report["acceptance"]:
         e["tokens"] = e["step"] * cfg.batch_size * windows.shape[1]

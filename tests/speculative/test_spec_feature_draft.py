@@ -3,11 +3,13 @@
 import pytest
 import torch
 from scipy.stats import chisquare
+from transformers import DynamicCache
 
 from _micro import micro_model
 from llmcompress.speculative.decode import target_decode
-from llmcompress.speculative.feature_draft import (FeatureDistillConfig, FeatureDraft, feature_speculative_decode,
-                                                   target_features, train_feature_draft)
+from llmcompress.speculative.feature_draft import (FeatureDistillConfig, FeatureDraft, feature_draft_loss,
+                                                   feature_speculative_decode, target_features, train_feature_draft,
+                                                   unroll_mask, unrolled_forward)
 from llmcompress.speculative.vocab import restrict_vocab
 
 PROMPTS = [[5, 17, 33, 2, 9], [7]]
@@ -107,6 +109,64 @@ def test_online_training_learns_and_resumes(tmp_path):
         FeatureDraft.load(target, tmp_path / "missing")
 
 
+def test_unroll_mask_follows_the_chain_of_proposals():
+    m = unroll_mask(4, 2)[0, 0].int()  # keys: 4 true entries, then 4 depth-2 entries
+    assert m.tolist() == [[0, 0, 0, 0, 1, 0, 0, 0],  # p = 0 has no chain: only its own entry
+                          [1, 0, 0, 0, 0, 1, 0, 0],
+                          [1, 1, 0, 0, 0, 0, 1, 0],
+                          [1, 1, 1, 0, 0, 0, 0, 1]]
+    assert unroll_mask(5, 1)[0, 0].equal(torch.ones(5, 5, dtype=torch.bool).tril())
+    m3 = unroll_mask(5, 3)[0, 0].int()
+    assert m3[4].tolist() == [1, 1, 1, 0, 0] + [0, 0, 0, 1, 0] + [0, 0, 0, 0, 1]
+
+
+def test_unrolled_forward_equals_drafting_step_by_step(tiny_target):
+    """Depth d at position p of the parallel unrolled pass is what decoding computes: the true pairs up to
+    p - d + 1 in the cache, then d - 1 steps fed the draft's own predicted features."""
+    draft = FeatureDraft.from_target(tiny_target)
+    with torch.no_grad():
+        draft.fc.weight.add_(torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    seq = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = target_features(tiny_target, seq, None)
+        f_in, toks = feats[:, :-1], seq[:, 1:]  # [2, 8, D], [2, 8]
+        outs = unrolled_forward(draft, f_in, toks, 3)
+        assert len(outs) == 3
+        for b in range(2):
+            for d in (1, 2, 3):
+                for p in range(d - 1, 8):
+                    start, cache = p - d + 1, DynamicCache()
+                    if start:
+                        draft(f_in[b:b + 1, :start], toks[b:b + 1, :start], cache)
+                    h, logits = draft(f_in[b:b + 1, start:start + 1], toks[b:b + 1, start:start + 1], cache)
+                    for k in range(2, d + 1):
+                        h, logits = draft(h, toks[b:b + 1, start + k - 1:start + k], cache)
+                    torch.testing.assert_close(outs[d - 1][0][b, p], h[0, 0], atol=1e-5, rtol=1e-4)
+                    torch.testing.assert_close(outs[d - 1][1][b, p], logits[0, 0], atol=1e-4, rtol=1e-4)
+        # the deeper pass differs from the plain one: it reads predicted, not true, features
+        assert not torch.allclose(outs[1][1][:, 1:], outs[0][1][:, 1:], atol=1e-3)
+
+
+def test_unrolled_training_scores_every_depth(tmp_path):
+    target = micro_model(vocab=6, layers=2, seed=0, hidden=32)
+    windows = torch.randint(0, 6, (16, 12), generator=torch.Generator().manual_seed(0))
+    draft = FeatureDraft.from_target(target)
+    with torch.no_grad():
+        feats = target_features(target, windows[:4], None)
+        tl = target.lm_head(feats)
+        one, parts1 = feature_draft_loss(draft, feats, windows[:4], tl, FeatureDistillConfig(unroll=1))
+        three, parts3 = feature_draft_loss(draft, feats, windows[:4], tl, FeatureDistillConfig(unroll=3))
+    assert "top1_depth2" in parts3 and "top1_depth3" in parts3 and "top1_depth2" not in parts1
+    assert parts3["top1"] == parts1["top1"] and not torch.isclose(one, three)
+    rep = train_feature_draft(target, draft, windows, FeatureDistillConfig(steps=3, batch_size=4, unroll=3),
+                              tmp_path)
+    assert rep["steps"] == 3 and rep["config"]["unroll"] == 3 and len(rep["top1_last_by_depth"]) == 3
+    with pytest.raises(ValueError, match="unroll"):
+        FeatureDistillConfig(unroll=0)
+    with pytest.raises(ValueError, match="4-D attention mask"):  # a mask of the wrong length of keys
+        draft.body.model(inputs_embeds=torch.zeros(1, 2, 32), attention_mask=torch.ones(1, 1, 2, 3, dtype=torch.bool))
+
+
 def test_bad_inputs(tiny_target):
     draft = FeatureDraft.from_target(tiny_target)
     with pytest.raises(ValueError, match="gamma"):
@@ -132,7 +192,7 @@ def test_draft_command_trains_a_feature_draft_on_target_sequences(tiny_hf_dir, c
 
     args = ["draft", "--target", tiny_hf_dir, "--init", "feature:1", "--data", "target", "--offline",
             "--steps", 2, "--prompt-tokens", 8, "--new-tokens", 8, "--num-samples", 8, "--eval-every", 2,
-            "--eval-prompts", 1, "--eval-new-tokens", 8, "--draft-vocab", 40, "--lr", 1e-3,
+            "--eval-prompts", 1, "--eval-new-tokens", 8, "--draft-vocab", 40, "--lr", 1e-3, "--unroll", 2,
             "--corpus", corpus_file, "--heldout-rows", 10, "--out", tmp_path / "d"]
     r = _call(*args)
     assert r.exit_code == 0, r.output
@@ -141,6 +201,7 @@ def test_draft_command_trains_a_feature_draft_on_target_sequences(tiny_hf_dir, c
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     assert report["steps"] == 2 and [e["step"] for e in report["acceptance"]] == [2]
     assert report["data"] == "target" and not report["online"] and report["train_sequences"] == 8
+    assert report["config"]["unroll"] == 2 and len(report["top1_last_by_depth"]) == 2
     assert sorted(p.name for p in (tmp_path / "d" / "sequences").glob("seq-*")) == ["seq-00000.safetensors"]
     target = load(str(tiny_hf_dir))
     draft = init_draft(target, str(tmp_path / "d" / "model"))  # a saved feature draft loads as one
@@ -183,6 +244,9 @@ def test_draft_command_adds_the_corpus_text_to_target_sequences(tiny_hf_dir, cor
     assert r.exit_code == 2 and "use data target" in " ".join(r.output.split()), r.output
     r = _call(*base, "--init", "layers:1", "--data", "target", "--with-fixed-text", "--out", tmp_path / "f")
     assert r.exit_code == 2 and "for feature drafts" in " ".join(r.output.split()), r.output
+    r = _call(*base, "--init", "layers:1", "--data", "target", "--unroll", 2, "--out", tmp_path / "g")
+    assert r.exit_code == 2 and "--unroll is for feature drafts" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "g").exists()
     assert not (tmp_path / "f").exists()
 
 
