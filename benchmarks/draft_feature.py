@@ -73,6 +73,18 @@ def fixed_windows(args, tok) -> torch.Tensor:
     return pack(stream, args.prompt_tokens + args.train_new_tokens, n, seed=0)
 
 
+def second_pieces(args, tok, train: torch.Tensor) -> torch.Tensor:
+    """Prompts framed, like the training prompts, from the first 800 rows, but from the pieces that
+    --prompts-per-doc 2 adds and the training prompts lack (each document's second piece), --second-pieces of
+    them (-1: all). -> [N, P]"""
+    from llmcompress.speculative.evaluate import instruction_prompts
+
+    both = instruction_prompts(tok, data_rows()[:800], 10 ** 9, args.prompt_tokens, per_doc=2)  # [M, P]
+    have = {tuple(r.tolist()) for r in train}
+    rest = torch.stack([r for r in both if tuple(r.tolist()) not in have])
+    return rest if args.second_pieces < 0 else rest[: args.second_pieces]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=1, help="decoder layers of the draft (copies of the target's last)")
@@ -104,6 +116,10 @@ def main(argv=None) -> int:
                     help="also train on this many windows of the training documents' own text (-1: all of them), "
                          "featurised once by a teacher-forced target pass (EAGLE's fixed-data recipe; cheap next to "
                          "generating continuations)")
+    ap.add_argument("--second-pieces", type=int, default=0,
+                    help="also train on the target's continuations of this many prompts framed from the training "
+                         "documents' second pieces (-1: all), made into their own folder (the LM head's ids are "
+                         "still chosen from the first continuations alone)")
     ap.add_argument("--prompts-per-doc", type=int, default=1,
                     help="training prompts framed from each training document's consecutive pieces")
     ap.add_argument("--train-seconds", type=float, default=None, help="wall-clock training budget")
@@ -150,7 +166,7 @@ def main(argv=None) -> int:
             ap.error(f"--trained {args.trained} holds a draft of layers {trained.init_layers}; pass --layers "
                      f"{len(trained.init_layers)}")
         keep, seqs, feats, data_s = trained.lm_head.keep, None, None, info["training"]["data_seconds"]
-        n_fixed = info["training"].get("fixed_windows", 0)
+        n_fixed, n_second = info["training"].get("fixed_windows", 0), info["training"].get("second_pieces", 0)
         calib = torch.tensor(info["calib"])
     else:
         t0 = time.perf_counter()
@@ -158,6 +174,13 @@ def main(argv=None) -> int:
         seqs, feats = cache_target_sequences(target, train, args.train_new_tokens, folder, args.chunk)
         n_fixed = 0
         counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
+        n_second = 0
+        if args.second_pieces:
+            extra = second_pieces(args, tok, train)
+            eseqs, efeats = cache_target_sequences(target, extra, args.train_new_tokens,
+                                                   work / f"sequences-{args.prompt_tokens}+{args.train_new_tokens}"
+                                                   "-piece2", args.chunk)
+            seqs, feats, n_second = torch.cat([seqs, eseqs]), torch.cat([feats, efeats]), len(eseqs)
         if args.fixed_windows:
             fixed = fixed_windows(args, tok)
             fseqs, ffeats = cache_target_sequences(target, fixed, 0, work / f"fixed-{fixed.shape[1]}", args.chunk)
@@ -180,7 +203,7 @@ def main(argv=None) -> int:
     init = f"feature:{args.layers}"
     if args.export:
         draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
-        training["fixed_windows"] = n_fixed
+        training["fixed_windows"], training["second_pieces"] = n_fixed, n_second
         draft.save(args.export, dtype=torch.float16)
         info = {"training": training, "calib": calib.tolist(), "settings": vars(args), "commit": git_commit(),
                 "machine": machine()}
@@ -193,7 +216,7 @@ def main(argv=None) -> int:
         draft, training = trained, info["training"] | {"exported_as": "float16"}
     else:
         draft, training = train_copy(args, target, start, seqs, feats, acceptance, work, data_s, device)
-        training["fixed_windows"] = n_fixed
+        training["fixed_windows"], training["second_pieces"] = n_fixed, n_second
         draft.save(work / f"draft-{args.name}")
     data = "target+fixed" if n_fixed else "target"
     results.append({"draft": f"{init} {args.divergence}/{data}/offline", "training": training,
@@ -220,6 +243,7 @@ def main(argv=None) -> int:
               "replace the draft's own after every verification",
               f"- training (offline) on {training['device']}: {training['train_sequences'] - n_fixed} target greedy "
               f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts"
+              + (f" ({n_second} of them of prompts framed from the documents' second pieces)" if n_second else "")
               + (f", plus {n_fixed} windows of {ts['prompt_tokens'] + ts['train_new_tokens']} tokens of the first 800 "
                  "rows' own text (features from one teacher-forced target pass, logits from the target's head)"
                  if n_fixed else "")

@@ -18,7 +18,8 @@
 #                                           benchmarks/draft_feature.py (FEATURE_LAYERS, default 1) for TRAIN_S
 #                                           seconds on greedy target continuations (TRAIN_PROMPTS, default 6400)
 #                                           plus FIXED_WINDOWS windows of the documents' own text (default 0,
-#                                           -1: all), into $OUT/feature-draft; measure it here with
+#                                           -1: all), proposals trained UNROLL deep (default 1),
+#                                           into $OUT/feature-draft; measure it here with
 #                                           python benchmarks/draft_feature.py --trained <that folder>
 #                                           One call brings back about 64 MB: what does not fit stays in
 #                                           $KEEP/export and the log says so
@@ -130,7 +131,8 @@ train)
       --export "$KEEP/export/feature-draft" --layers "${FEATURE_LAYERS:-1}" --train-seconds "${TRAIN_S:-420}" \
       --steps 0 --batch-size "${BATCH:-64}" --train-prompts "${TRAIN_PROMPTS:-6400}" --prompts-per-doc 8 \
       --chunk "${GEN_BATCH:-512}" --eval-every "${EVERY:-200}" --lr "${LR:-1e-3}" \
-      --fixed-windows "${FIXED_WINDOWS:-0}" --work "$KEEP/work-feature" 2>&1 | tee -a "$OUT/train.log"
+      --fixed-windows "${FIXED_WINDOWS:-0}" --unroll "${UNROLL:-1}" --work "$KEEP/work-feature" 2>&1 \
+      | tee -a "$OUT/train.log"
     ship
     exit 0
   fi

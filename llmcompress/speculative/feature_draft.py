@@ -16,7 +16,9 @@ which also makes the target's continuations); loss = SmoothL1(f_hat, f) * `featu
 target's p and the draft's q * `logit_weight` (fkl: the soft cross-entropy less p's entropy, same gradient), both
 over every position (no prompt to mask in fixed text).
 The logits are compared over the draft's proposal ids when it has a subset head. Everything but the draft's fc
-and layers is frozen.
+and layers is frozen. Trained on true features only, the draft meets its own predicted ones for the first time
+when it drafts a second token; `unroll` d > 1 also trains proposals 2..d as drafting makes them (EAGLE-3's
+training-time test, `unrolled_forward`).
 """
 
 from __future__ import annotations
