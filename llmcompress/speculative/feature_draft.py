@@ -474,7 +474,8 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
     return {"steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
             "loss_first": mean(first, "loss"), "loss_last": mean(tail, "loss"),
             "top1_first": mean(first, "top1"), "top1_last": mean(tail, "top1"),
-            "top1_last_by_depth": [mean(tail, "top1")] + [mean(tail, f"top1_depth{d}") for d in range(2, cfg.unroll + 1)],
+            "top1_last_by_depth": [mean(tail, "top1" if d == 1 else f"top1_depth{d}")
+                                   for d in range(1, cfg.unroll + 1)],
             "acceptance": state["acceptance"], "config": cfg.model_dump()}
 
 
