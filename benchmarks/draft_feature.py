@@ -37,8 +37,7 @@ import torch  # noqa: E402
 def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s: float, device: str):
     """Train a copy of `start` (or of the --init-draft draft) offline on the cached target sequences.
     -> (draft, training report)"""
-    from llmcompress.speculative.feature_draft import FeatureDraft
-    from llmcompress.speculative.feature_draft import FeatureDistillConfig, train_feature_draft
+    from llmcompress.speculative.feature_draft import FeatureDistillConfig, FeatureDraft, train_feature_draft
 
     steps = None if args.train_seconds and not args.steps else args.steps
     every = args.eval_every or max((steps or 400) // 4, 1)
@@ -49,7 +48,8 @@ def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s:
     draft = copy.deepcopy(start)
     if args.init_draft:  # go on training a saved draft: its trained tensors replace the start's
         saved = FeatureDraft.load(target, args.init_draft)
-        if saved.init_layers != start.init_layers or not torch.equal(saved.lm_head.keep, start.lm_head.keep):
+        ids = [getattr(d.lm_head, "keep", torch.empty(0)) for d in (saved, start)]
+        if saved.init_layers != start.init_layers or not torch.equal(*ids):
             raise SystemExit(f"--init-draft {args.init_draft}: its layers or proposal ids differ from this run's "
                              "(give the same --layers, --draft-vocab and training data)")
         with torch.no_grad():
