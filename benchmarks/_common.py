@@ -37,6 +37,14 @@ def machine() -> dict:
     return info
 
 
+def publish(name: str, report: dict, markdown: str, out: Path = RESULTS) -> int:
+    """`write_results`, then show the table and where it went. -> 0 (a benchmark's exit status)"""
+    js, md = write_results(name, report, markdown, out)
+    print(markdown)
+    print(f"written {js} and {md}")
+    return 0
+
+
 def write_results(name: str, report: dict, markdown: str, out: Path = RESULTS) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / f"{name}.json", out / f"{name}.md"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
+from _common import ROOT, git_commit, machine, publish  # noqa: E402
 from draft import data_rows  # noqa: E402
 
 import torch  # noqa: E402
@@ -142,10 +142,7 @@ def main(argv=None) -> int:
               "continuation position; kept by position k: rounds that kept k among those that kept 1..k-1",
               "- reproduce: `python benchmarks/draft_depth.py " + " ".join(argv or sys.argv[1:]) + "`"]
     md = "\n".join(lines) + "\n"
-    js, mdp = write_results(args.name, report, md, out=RESULTS)
-    print(md)
-    print(f"written {js} and {mdp}")
-    return 0
+    return publish(args.name, report, md)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
+from _common import ROOT, git_commit, machine, publish  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "puzzle-smollm2.yaml"
 
@@ -148,10 +148,7 @@ def main(argv=None) -> int:
           f"- reproduce: `python benchmarks/puzzle_baselines.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     report = {"benchmark": args.name, "commit": git_commit(), "machine": m, "wall_s": wall, "settings": vars(args),
               "rows": rows}
-    js, mdp = write_results(args.name, report, md, out=RESULTS)
-    print(md)
-    print(f"written {js} and {mdp}")
-    return 0
+    return publish(args.name, report, md)
 
 
 if __name__ == "__main__":
