@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llmcompress.models.cpu_linear import CpuLinear, packed_linears, resolve
 from llmcompress.speculative import metrics
 from llmcompress.speculative.decode import (DecodeStats, feed, hf_assisted_decode, prefill, speculative_decode,
                                             target_decode)
@@ -33,6 +34,9 @@ class SpecEvalConfig(BaseModel):
     compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma")
     draft_vocab: int | None = Field(None, gt=0, description="restrict the draft's LM head to the N most frequent "
                                     "ids of the training text (plus special tokens): a cheaper draft, still lossless")
+    cpu_linear: CpuLinear = Field("auto", description="how float32 CPU linears run while decoding: onednn (weights "
+                                  "reordered once; verifying gamma + 1 tokens costs about one decode step), torch "
+                                  "(F.linear, MKL), auto (onednn where it runs)")
 
     @field_validator("gammas")
     @classmethod
@@ -137,15 +141,24 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     """The report of the module doc for `draft` proposing to `target` on `prompts` (each [1, P]).
 
     Per prompt, target-only decoding and each gamma run back to back, so slow drifts of machine load
-    affect all of them alike."""
+    affect all of them alike. Both models decode through the same linears (`cfg.cpu_linear`)."""
     from llmcompress.speculative.draft_init import check_compatible
-    from llmcompress.speculative.feature_draft import feature_speculative_decode, is_feature_draft
+    from llmcompress.speculative.feature_draft import is_feature_draft
 
     check_compatible(target, draft)
-    feature = is_feature_draft(draft)
-    if feature and cfg.compare_hf:
+    if is_feature_draft(draft) and cfg.compare_hf:
         raise ValueError("transformers' assisted generation cannot run a feature draft (it reads the target's "
                          "features); leave out compare_hf")
+    packed = resolve(cfg.cpu_linear, next(target.parameters()).device)
+    with torch.no_grad(), packed_linears(target, draft, enabled=packed):
+        return _evaluate(target, draft, prompts, cfg, progress) | {"cpu_linear": "onednn" if packed else "torch"}
+
+
+def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
+              progress: Callable[[str, int, int], None] | None) -> dict:
+    from llmcompress.speculative.feature_draft import feature_speculative_decode, is_feature_draft
+
+    feature = is_feature_draft(draft)
     decode = feature_speculative_decode if feature else speculative_decode
     target.eval(), draft.eval()
     device = next(target.parameters()).device

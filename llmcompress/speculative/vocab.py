@@ -19,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from llmcompress.models.cpu_linear import packed_linear
 from llmcompress.models.modeling_llmcompress import head_linear
 
 
@@ -56,9 +57,13 @@ class SubsetHead(torch.nn.Module):
         self.register_buffer("keep", keep.to(device=weight.device, dtype=torch.long))
         self.weight = torch.nn.Parameter(weight.detach()[self.keep].clone(), requires_grad=weight.requires_grad)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach()[self.keep].clone())
+        self.packed = None  # a oneDNN copy of the weight while inside `cpu_linear.packed_linears`
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        sub = head_linear(h, self.weight, self.bias)  # h: [..., D] -> [..., K]
+        if self.packed is not None:
+            sub = packed_linear(h, self.packed, self.weight.shape[0], self.bias)  # h: [..., D] -> [..., K]
+        else:
+            sub = head_linear(h, self.weight, self.bias)
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), torch.finfo(sub.dtype).min)  # [..., V]
         return out.index_copy_(-1, self.keep, sub)
 

@@ -7,14 +7,18 @@ import torch
 from typer.testing import CliRunner
 
 from llmcompress.cli import app
+from llmcompress.models.cpu_linear import onednn_available
 from llmcompress.speculative.draft_init import init_draft
 from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_speculative, instruction_prompts, parse_gammas
 
 
-def test_report_fields(tiny_target):
+@pytest.mark.parametrize("cpu_linear", ["auto", "torch"])
+def test_report_fields(tiny_target, cpu_linear):
     draft = init_draft(tiny_target, "layers:2")
-    cfg = SpecEvalConfig(gammas=[1, 3], prompts=2, new_tokens=6, cost_steps=4, compare_hf=True)
+    cfg = SpecEvalConfig(gammas=[1, 3], prompts=2, new_tokens=6, cost_steps=4, compare_hf=True, cpu_linear=cpu_linear)
     r = evaluate_speculative(tiny_target, draft, [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])], cfg)
+    assert r["cpu_linear"] == ("onednn" if cpu_linear == "auto" and onednn_available() else "torch")
+    assert type(tiny_target.lm_head) is torch.nn.Linear  # the packed modules are gone again
     assert 0 < r["cost_ratio_c"] and r["prompts"] == 2 and [g["gamma"] for g in r["gammas"]] == [1, 3]
     for g in r["gammas"]:
         assert g["identical_output"] and 1 <= g["tau"] <= g["gamma"] + 1 and 0 <= g["alpha"] <= 1
