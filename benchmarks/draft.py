@@ -141,7 +141,8 @@ def data_rows() -> list[str]:
 
 def prompt_sets(args, tok):
     """Training prompts [N, P] (first 800 rows), held-out prompts (last 200 rows, each [1, P]) and the evaluation
-    settings, from --train-prompts, --prompts-per-doc, --eval-prompts, --prompt-tokens, --new-tokens, --gammas."""
+    settings, from --train-prompts, --prompts-per-doc, --eval-prompts, --prompt-tokens, --new-tokens, --gammas (and
+    --draft-stop, --cpu-linear where the script has them)."""
     from llmcompress.speculative.evaluate import SpecEvalConfig, instruction_prompts
 
     rows = data_rows()
@@ -150,7 +151,8 @@ def prompt_sets(args, tok):
     held = instruction_prompts(tok, rows[-200:], args.eval_prompts, args.prompt_tokens)
     prompts = [p[None] for p in held]
     ecfg = SpecEvalConfig(gammas=[int(g) for g in args.gammas.split(",")], prompts=len(prompts),
-                          new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens)
+                          new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                          draft_stop=getattr(args, "draft_stop", 0.0), cpu_linear=getattr(args, "cpu_linear", "auto"))
     return train, prompts, ecfg
 
 

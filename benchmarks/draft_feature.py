@@ -110,6 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=None, help="steps between acceptance logs (default steps/4)")
     ap.add_argument("--gammas", default="2,3,4,5")
+    ap.add_argument("--draft-stop", type=float, default=0.0,
+                    help="stop a round's drafting once a proposal's draft probability is below this")
+    ap.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
+                    help="how the models' linears run while measuring (auto: oneDNN, weights reordered once)")
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads while measuring speed")
     ap.add_argument("--fixed-windows", type=int, default=0,

@@ -141,6 +141,9 @@ def eval_cmd(
     spec_new_tokens: Annotated[int, typer.Option(help="--draft: greedy tokens generated per prompt")] = 32,
     draft_vocab: Annotated[Optional[int], typer.Option(help="--draft: restrict the draft's LM head to the N most "
                                                             "frequent token ids of --data (still lossless)")] = None,
+    draft_stop: Annotated[float, typer.Option(help="--draft: stop a round's drafting once a proposal's draft "
+                                                   "probability is below this (0: always gamma tokens)")] = 0.0,
+    cpu_linear: Annotated[str, typer.Option(help="--draft: CPU linears while decoding: auto, onednn or torch")] = "auto",
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -162,7 +165,7 @@ def eval_cmd(
                          task_limit=task_limit, speed=speed, prefill_len=prefill_len, decode_tokens=decode_tokens)
         graph = load(model, dtype=DTYPES[dtype], device=device)
         spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens,
-                                  draft_vocab=draft_vocab)
+                                  draft_vocab=draft_vocab, draft_stop=draft_stop, cpu_linear=cpu_linear)
         heldout = None
         if perplexity or draft:
             corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),

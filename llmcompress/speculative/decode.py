@@ -33,6 +33,7 @@ class DecodeStats:
     accepted: int = 0
     new_tokens: int = 0
     accepted_per_call: list[int] = field(default_factory=list)
+    drafted_per_call: list[int] = field(default_factory=list)  # < gamma where drafting stopped early
     overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p(x), q(x))
     overlap_count: int = 0
 
@@ -53,17 +54,21 @@ class DecodeStats:
 
     @property
     def acceptance_by_position(self) -> list[float]:
-        """Entry k: of the target calls whose draft tokens 1..k were all kept, the fraction that kept token k + 1
-        too (conditional acceptance per draft position; a draft that drifts on its own proposals falls off)."""
+        """Entry k: of the target calls that drafted token k + 1 and kept tokens 1..k, the fraction that kept token
+        k + 1 too (conditional acceptance per draft position; a draft that drifts on its own proposals falls off)."""
         n = self.accepted_per_call
-        reached = [sum(a >= k for a in n) for k in range(self.gamma + 1)]
-        return [reached[k + 1] / reached[k] if reached[k] else 0.0 for k in range(self.gamma)]
+        d = self.drafted_per_call if len(self.drafted_per_call) == len(n) else [self.gamma] * len(n)
+        out = []
+        for k in range(self.gamma):
+            reached = [a for a, m in zip(n, d) if a >= k and m > k]
+            out.append(sum(a > k for a in reached) / len(reached) if reached else 0.0)
+        return out
 
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         return DecodeStats(self.gamma or other.gamma, self.target_calls + other.target_calls,
                            self.drafted + other.drafted, self.accepted + other.accepted,
                            self.new_tokens + other.new_tokens, self.accepted_per_call + other.accepted_per_call,
-                           self.overlap_sum + other.overlap_sum, self.overlap_count + other.overlap_count)
+                           self.drafted_per_call + other.drafted_per_call, self.overlap_sum + other.overlap_sum, self.overlap_count + other.overlap_count)
 
     def as_dict(self) -> dict:
         return {"gamma": self.gamma, "target_calls": self.target_calls, "drafted": self.drafted,
@@ -82,6 +87,17 @@ def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def sample(p: torch.Tensor, generator: torch.Generator | None = None) -> int:
     """One token from distribution p [V]."""
     return int(torch.multinomial(p, 1, generator=generator))
+
+
+def keep_drafting(q_logits: torch.Tensor, q: torch.Tensor, token: int, temperature: float, stop_below: float) -> bool:
+    """Whether the draft proposes another token after `token`: its probability under the draft (the sampling
+    distribution q; greedy: softmax(q_logits)) is at least `stop_below` (0: always; a dynamic draft length in
+    the spirit of EAGLE-2's confidence and SpecDec++). The rule reads the draft alone, so decoding stays exact.
+    q_logits, q: [V]"""
+    if stop_below <= 0:
+        return True
+    conf = torch.softmax(q_logits.float(), -1)[token] if temperature == 0 else q[token]
+    return float(conf) >= stop_below
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -124,6 +140,7 @@ def verify_round(drafted: list[int], qs: list[torch.Tensor], qls: list[torch.Ten
     stats.drafted += gamma
     stats.accepted += n
     stats.accepted_per_call.append(n)
+    stats.drafted_per_call.append(gamma)
     return n, nxt
 
 
@@ -192,11 +209,12 @@ def target_decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature:
 @torch.no_grad()
 def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int, gamma: int = 4,
                        temperature: float = 0.0, generator: torch.Generator | None = None,
-                       eos_token_id: int | None = None) -> tuple[torch.Tensor, DecodeStats]:
+                       eos_token_id: int | None = None, stop_below: float = 0.0) -> tuple[torch.Tensor, DecodeStats]:
     """Speculative sampling from `target` with proposals by `draft`. prompt: [1, P] -> ([1, P + new], stats).
 
     temperature 0: greedy (output = the target's greedy output); > 0: sampling, distributed as the
-    target's samples at that temperature. `generator` seeds every random draw.
+    target's samples at that temperature. `generator` seeds every random draw. A round drafts up to `gamma`
+    tokens, fewer when one's draft probability falls below `stop_below` (`keep_drafting`).
     """
     _check_prompt(prompt)
     if gamma < 1:
@@ -217,8 +235,10 @@ def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
             qs.append(q)
             qls.append(ql)
             d_seq = torch.cat([d_seq, d_seq.new_tensor([[tok]])], 1)
-        # verify all of them in one target pass: logits [gamma + 1, V] at the last seq token and each draft
-        pl = feed(target, seq, tcache, seq.new_tensor([drafted]))[-(gamma + 1):]
+            if not keep_drafting(ql, q, tok, temperature, stop_below):
+                break
+        # verify all of them in one target pass: logits [k + 1, V] at the last seq token and each of the k drafted
+        pl = feed(target, seq, tcache, seq.new_tensor([drafted]))[-(len(drafted) + 1):]
         n, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
         new = drafted[:n] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)
@@ -251,5 +271,5 @@ def _check_prompt(prompt: torch.Tensor) -> None:
         raise ValueError(f"prompt must be one non-empty sequence of shape [1, P], got {tuple(prompt.shape)}")
 
 
-__all__ = ["DecodeStats", "hf_assisted_decode", "probs", "residual", "rollback", "sample", "speculative_decode",
+__all__ = ["DecodeStats", "hf_assisted_decode", "keep_drafting", "probs", "residual", "rollback", "sample", "speculative_decode",
            "target_decode", "verify", "verify_round", "cut_at_eos"]

@@ -34,6 +34,8 @@ class SpecEvalConfig(BaseModel):
     compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma")
     draft_vocab: int | None = Field(None, gt=0, description="restrict the draft's LM head to the N most frequent "
                                     "ids of the training text (plus special tokens): a cheaper draft, still lossless")
+    draft_stop: float = Field(0.0, ge=0, lt=1, description="stop a round's drafting once a proposal's draft "
+                              "probability is below this (0: always gamma tokens; lossless either way)")
     cpu_linear: CpuLinear = Field("auto", description="how float32 CPU linears run while decoding: onednn (weights "
                                   "reordered once; verifying gamma + 1 tokens costs about one decode step), torch "
                                   "(F.linear, MKL), auto (onednn where it runs)")
@@ -151,7 +153,10 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
                          "features); leave out compare_hf")
     packed = resolve(cfg.cpu_linear, next(target.parameters()).device)
     with torch.no_grad(), packed_linears(target, draft, enabled=packed):
-        return _evaluate(target, draft, prompts, cfg, progress) | {"cpu_linear": "onednn" if packed else "torch"}
+        report = _evaluate(target, draft, prompts, cfg, progress)
+    how = "oneDNN, weights reordered once" if packed else "F.linear"
+    return report | {"cpu_linear": "onednn" if packed else "torch",
+                     "protocol": report["protocol"] + f"; both models' linears: {how}"}
 
 
 def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
@@ -181,7 +186,7 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
         new_tokens += ref.shape[1] - p.shape[1]
         for gamma, r in spec.items():
             (out, st), dt = _timed(lambda: decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature, gen(i),
-                                                  eos), device)
+                                                  eos, cfg.draft_stop), device)
             r["stats"], r["seconds"] = r["stats"].merge(st), r["seconds"] + dt
             r["identical"] &= torch.equal(out, ref)
             if cfg.compare_hf:
@@ -222,12 +227,15 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
         "optimal_gamma_predicted": metrics.optimal_gamma(alpha, c),
         "gammas": rows,
         "threads": torch.get_num_threads(),
+        "draft_stop": cfg.draft_stop,
         "protocol": (f"batch 1, {'greedy' if greedy else f'temperature {cfg.temperature}'}, "
                      f"{len(prompts)} held-out prompts of <= {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens "
                      "each, target alone and every gamma back to back per prompt; wall-clock includes prefill; "
                      "c = median cached decode-step time draft/target (alternating); alpha = mean sum min(p, q) "
                      "(greedy: argmax agreement) on the decoded path; kept by position k = the fraction of calls "
-                     "keeping draft token k among those that kept tokens 1..k-1"),
+                     "keeping draft token k among those that drafted it and kept tokens 1..k-1"
+                     + (f"; a round drafts up to gamma tokens, stopping after one whose draft probability is below "
+                        f"{cfg.draft_stop}" if cfg.draft_stop else "")),
     }
 
 

@@ -36,8 +36,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from llmcompress.models.modeling_llmcompress import head_linear
-from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_eos, probs, rollback, sample,
-                                            verify_round)
+from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_eos, keep_drafting, probs, rollback,
+                                            sample, verify_round)
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
 
@@ -188,8 +188,10 @@ def is_feature_draft(draft) -> bool:
 @torch.no_grad()
 def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor, max_new_tokens: int,
                                gamma: int = 4, temperature: float = 0.0, generator: torch.Generator | None = None,
-                               eos_token_id: int | None = None) -> tuple[torch.Tensor, DecodeStats]:
-    """`decode.speculative_decode` with a feature draft. prompt: [1, P] -> ([1, P + new], stats).
+                               eos_token_id: int | None = None, stop_below: float = 0.0
+                               ) -> tuple[torch.Tensor, DecodeStats]:
+    """`decode.speculative_decode` with a feature draft (`stop_below`: as there). prompt: [1, P] -> ([1, P + new],
+    stats).
 
     Invariants: the target cache holds every token of `seq` but the last, `feats` [len - 1, D] their features;
     the draft cache holds `fed` entries, entry t (1-based) built from (f_{t-1}, x_t) with true features only."""
@@ -226,8 +228,10 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
             qs.append(q)
             qls.append(ql)
             f_in, x_in = h[:, -1:], seq.new_tensor([[tok]])
+            if not keep_drafting(ql, q, tok, temperature, stop_below):
+                break
         fv, pl = target_forward(target, torch.cat([seq[:, -1:], seq.new_tensor([drafted])], 1), tcache)
-        pl, fv = pl[0], fv[0]  # [gamma + 1, V], [gamma + 1, D]: positions n .. n + gamma
+        pl, fv = pl[0], fv[0]  # [k + 1, V], [k + 1, D]: positions n .. n + k (k drafted)
         m, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
         new = drafted[:m] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)

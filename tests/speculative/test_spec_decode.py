@@ -5,8 +5,8 @@ import torch
 from scipy.stats import chisquare
 
 from _micro import micro_model
-from llmcompress.speculative.decode import (DecodeStats, feed, prefill, residual, rollback, speculative_decode,
-                                            target_decode, verify)
+from llmcompress.speculative.decode import (DecodeStats, feed, keep_drafting, prefill, residual, rollback,
+                                            speculative_decode, target_decode, verify)
 from llmcompress.speculative.draft_init import keep_layers
 from llmcompress.speculative.vocab import restrict_vocab
 
@@ -14,9 +14,10 @@ PROMPTS = [[5, 17, 33, 2, 9], [7]]
 
 
 
-@pytest.mark.parametrize("layers", [[0], [0, 3]])
-def test_greedy_equals_target_greedy(tiny_target, layers):
+@pytest.mark.parametrize("layers,stop_below", [([0], 0.0), ([0, 3], 0.0), ([0], 0.05)])
+def test_greedy_equals_target_greedy(tiny_target, layers, stop_below):
     draft = keep_layers(tiny_target, layers)
+    short = 0
     for ids in PROMPTS:
         prompt = torch.tensor([ids])
         ref, _ = target_decode(tiny_target, prompt, 16)
@@ -24,10 +25,13 @@ def test_greedy_equals_target_greedy(tiny_target, layers):
                                   max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
         assert torch.equal(ref, hf)  # our baseline loop is transformers' greedy decoding
         for gamma in (1, 2, 3, 5):
-            out, stats = speculative_decode(tiny_target, draft, prompt, 16, gamma=gamma)
+            out, stats = speculative_decode(tiny_target, draft, prompt, 16, gamma=gamma, stop_below=stop_below)
             assert torch.equal(out, ref), (ids, gamma)
             assert stats.new_tokens == 16 and stats.target_calls == len(stats.accepted_per_call)
             assert 1 <= stats.tau <= gamma + 1 and 0 <= stats.alpha <= 1
+            assert sum(stats.drafted_per_call) == stats.drafted and max(stats.drafted_per_call) <= gamma
+            short += sum(d < gamma for d in stats.drafted_per_call)
+    assert (short > 0) == (stop_below > 0)  # the threshold cut some rounds short, and only with it
 
 
 def test_self_draft_accepts_everything(tiny_target):
@@ -47,6 +51,20 @@ def test_acceptance_by_position_is_conditional():
     assert stats.acceptance_by_position == pytest.approx([4 / 5, 3 / 4, 2 / 3])
     assert DecodeStats(gamma=2).acceptance_by_position == [0.0, 0.0]
     assert "acceptance_by_position" in stats.as_dict()
+    # rounds cut short: a call that drafted 1 token and kept it says nothing about position 2
+    short = DecodeStats(gamma=2, accepted_per_call=[1, 1, 2], drafted_per_call=[1, 2, 2])
+    assert short.acceptance_by_position == pytest.approx([1.0, 1 / 2])
+    assert short.merge(stats).drafted_per_call == [1, 2, 2]
+
+
+def test_keep_drafting_reads_the_draft_probability():
+    logits = torch.tensor([2.0, 1.0, 0.0])  # softmax: 0.665, 0.245, 0.090
+    q = torch.softmax(logits, -1)
+    assert keep_drafting(logits, q, 0, 0.0, 0.0) and keep_drafting(logits, q, 2, 0.0, 0.0)  # 0: always
+    assert keep_drafting(logits, torch.tensor([1.0, 0, 0]), 0, 0.0, 0.6)  # greedy: softmax, not the one-hot
+    assert not keep_drafting(logits, torch.tensor([1.0, 0, 0]), 0, 0.0, 0.7)
+    assert keep_drafting(logits, torch.tensor([0.1, 0.8, 0.1]), 1, 1.0, 0.7)  # sampling: q itself
+    assert not keep_drafting(logits, torch.tensor([0.1, 0.8, 0.1]), 0, 1.0, 0.7)
 
 
 def test_rollback_restores_cache(tiny_target):
@@ -86,8 +104,8 @@ def _exact_two_token_law(model, prompt, temperature):
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 3]])
-def test_sampling_matches_target_law(draft_vocab):
+@pytest.mark.parametrize("draft_vocab,stop_below", [(None, 0.0), ([0, 2, 3], 0.0), (None, 0.3)])
+def test_sampling_matches_target_law(draft_vocab, stop_below):
     """Chi-square test of the first two sampled tokens against the target's exact law (36 cells, fixed seed).
     With a restricted draft vocabulary, q is zero on half the ids: the law must still be the target's."""
     g, temperature, n = torch.Generator().manual_seed(1234), 0.8, 800
@@ -101,7 +119,8 @@ def test_sampling_matches_target_law(draft_vocab):
     counts = torch.zeros_like(exact)
     rejections = 0
     for _ in range(n):
-        out, stats = speculative_decode(target, draft, prompt, 2, gamma=2, temperature=temperature, generator=g)
+        out, stats = speculative_decode(target, draft, prompt, 2, gamma=2, temperature=temperature, generator=g,
+                                        stop_below=stop_below)
         x1, x2 = out[0, 3:5].tolist()
         counts[x1 * 6 + x2] += 1
         rejections += stats.drafted - stats.accepted

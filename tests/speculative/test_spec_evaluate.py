@@ -48,6 +48,17 @@ def test_cli_eval_draft(tiny_hf_dir, corpus_file, tmp_path):
     r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--draft", "layers:2",
                             "--gammas", "0"])
     assert r.exit_code == 2 and r.output.startswith("error:") and "--gammas" in r.output
+    report2 = tmp_path / "r2.json"
+    r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--data", str(corpus_file),
+                            "--heldout-rows", "10", "--draft", "layers:2", "--gammas", "3", "--spec-prompts", "1",
+                            "--spec-new-tokens", "5", "--draft-stop", "0.5", "--cpu-linear", "torch",
+                            "--report", str(report2)])
+    assert r.exit_code == 0, r.output
+    spec = json.loads(report2.read_text())["speculative"]
+    assert spec["draft_stop"] == 0.5 and spec["cpu_linear"] == "torch" and "below 0.5" in spec["protocol"]
+    r = runner.invoke(app, ["eval", str(tiny_hf_dir), "--no-perplexity", "--no-speed", "--draft", "layers:2",
+                            "--cpu-linear", "mkl"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "cpu_linear" in r.output, r.output
 
 
 class _CharTokenizer:

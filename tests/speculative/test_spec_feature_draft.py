@@ -15,21 +15,25 @@ from llmcompress.speculative.vocab import restrict_vocab
 PROMPTS = [[5, 17, 33, 2, 9], [7]]
 
 
-@pytest.mark.parametrize("vocab", [None, list(range(0, 64, 3))])
-def test_greedy_equals_target_greedy(tiny_target, vocab):
+@pytest.mark.parametrize("vocab,stop_below", [(None, 0.0), (list(range(0, 64, 3)), 0.0), (None, 0.05)])
+def test_greedy_equals_target_greedy(tiny_target, vocab, stop_below):
     draft = FeatureDraft.from_target(tiny_target)
     with torch.no_grad():  # a draft that is wrong often: rejections and corrections on most rounds
         draft.fc.weight.add_(torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
     if vocab is not None:
         restrict_vocab(draft.body, torch.tensor(vocab))
+    short = 0
     for ids in PROMPTS:
         prompt = torch.tensor([ids])
         ref, _ = target_decode(tiny_target, prompt, 16)
         for gamma in (1, 2, 3, 5):
-            out, stats = feature_speculative_decode(tiny_target, draft, prompt, 16, gamma=gamma)
+            out, stats = feature_speculative_decode(tiny_target, draft, prompt, 16, gamma=gamma, stop_below=stop_below)
             assert torch.equal(out, ref), (ids, gamma)
             assert stats.new_tokens == 16 and stats.target_calls == len(stats.accepted_per_call)
             assert 1 <= stats.tau <= gamma + 1 and 0 <= stats.alpha <= 1
+            assert sum(stats.drafted_per_call) == stats.drafted
+            short += sum(d < gamma for d in stats.drafted_per_call)
+    assert (short > 0) == (stop_below > 0)
 
 
 def test_draft_cache_holds_only_true_features(tiny_target, monkeypatch):
