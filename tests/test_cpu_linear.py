@@ -76,6 +76,9 @@ def test_packed_linears_swaps_and_restores():
         assert set(m.state_dict()) == keys  # packed copies are not state
         torch.testing.assert_close(m(ids), ref, rtol=1e-5, atol=1e-5)
     assert [m.body[0], m.body[2], m.head, m.fp16] == originals
+    with packed_linears(m):  # grad enabled and trainable weights: F.linear, so gradients flow
+        m(ids).sum().backward()
+    assert m.body[0].weight.grad is not None and m.embed.weight.grad is not None
     with pytest.raises(RuntimeError, match="boom"), packed_linears(m):
         raise RuntimeError("boom")
     assert [m.body[0], m.body[2], m.head, m.fp16] == originals  # restored after an error too

@@ -10,8 +10,8 @@ to `F.linear` when they don't.
 
 `packed_linears(*models)` is a context manager: within it, every float32 CPU `nn.Linear` of the models is a
 `PackedLinear` sharing the same weight Parameter, and every `SubsetHead` projects through one; on exit the original
-modules are back. Inference only: a packed weight is a copy, taken on entry, so the block must not change weights
-(gradients do not flow through it either).
+modules are back. For inference: a packed weight is a copy taken on entry, so the block must not change weights; a
+call that needs gradients (grad enabled, a trainable weight or input) goes through F.linear instead.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return y.reshape(*x.shape[:-1], out_features)
 
 
+def needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product with `weight` must carry gradients (then it goes through F.linear, not the packed copy)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 class PackedLinear(nn.Module):
     """An `nn.Linear` for inference on CPU: the same weight and bias Parameters (state dict unchanged), computed
     through a oneDNN-reordered copy of the weight taken at construction."""
@@ -72,6 +77,8 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"PackedLinear runs float32 CPU inputs, got {x.dtype} on {x.device}; leave "
                              "packed_linears() before moving or casting the model")
+        if needs_grad(x, self.weight):  # the packed copy carries no gradient: the plain product does
+            return F.linear(x, self.weight, self.bias)
         return packed_linear(x, self.packed, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
@@ -127,5 +134,5 @@ def packed_linears(*models: nn.Module, enabled: bool = True) -> Iterator[int]:
             head.packed = None
 
 
-__all__ = ["CpuLinear", "PackedLinear", "onednn_available", "pack_weight", "packed_linear", "packed_linears",
+__all__ = ["CpuLinear", "PackedLinear", "needs_grad", "onednn_available", "pack_weight", "packed_linear", "packed_linears",
            "resolve"]

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from llmcompress.models.cpu_linear import packed_linear
+from llmcompress.models.cpu_linear import needs_grad, packed_linear
 from llmcompress.models.modeling_llmcompress import head_linear
 
 
@@ -60,7 +60,7 @@ class SubsetHead(torch.nn.Module):
         self.packed = None  # a oneDNN copy of the weight while inside `cpu_linear.packed_linears`
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and not needs_grad(h, self.weight):
             sub = packed_linear(h, self.packed, self.weight.shape[0], self.bias)  # h: [..., D] -> [..., K]
         else:
             sub = head_linear(h, self.weight, self.bias)
