@@ -110,7 +110,7 @@ def packed_linears(*models: nn.Module, enabled: bool = True) -> Iterator[int]:
 
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     heads: list[SubsetHead] = []
-    packs: dict[int, torch.Tensor] = {}  # tied weights (embedding = LM head) are packed once
+    packs: dict[int, torch.Tensor] = {}  # a weight shared by modules or models (a draft using the target's head): once
 
     try:
         if enabled and onednn_available():
