@@ -143,7 +143,8 @@ def eval_cmd(
                                                             "frequent token ids of --data (still lossless)")] = None,
     draft_stop: Annotated[float, typer.Option(help="--draft: stop a round's drafting once a proposal's draft "
                                                    "probability is below this (0: always gamma tokens)")] = 0.0,
-    cpu_linear: Annotated[str, typer.Option(help="--draft: CPU linears while decoding: auto, onednn or torch")] = "auto",
+    cpu_linear: Annotated[str, typer.Option(help="--draft: CPU linears while decoding: auto, onednn or "
+                                                   "torch")] = "auto",
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

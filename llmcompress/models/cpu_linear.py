@@ -134,5 +134,5 @@ def packed_linears(*models: nn.Module, enabled: bool = True) -> Iterator[int]:
             head.packed = None
 
 
-__all__ = ["CpuLinear", "PackedLinear", "needs_grad", "onednn_available", "pack_weight", "packed_linear", "packed_linears",
-           "resolve"]
+__all__ = ["CpuLinear", "PackedLinear", "needs_grad", "onednn_available", "pack_weight", "packed_linear",
+           "packed_linears", "resolve"]

@@ -68,7 +68,8 @@ class DecodeStats:
         return DecodeStats(self.gamma or other.gamma, self.target_calls + other.target_calls,
                            self.drafted + other.drafted, self.accepted + other.accepted,
                            self.new_tokens + other.new_tokens, self.accepted_per_call + other.accepted_per_call,
-                           self.drafted_per_call + other.drafted_per_call, self.overlap_sum + other.overlap_sum, self.overlap_count + other.overlap_count)
+                           self.drafted_per_call + other.drafted_per_call, self.overlap_sum + other.overlap_sum,
+                           self.overlap_count + other.overlap_count)
 
     def as_dict(self) -> dict:
         return {"gamma": self.gamma, "target_calls": self.target_calls, "drafted": self.drafted,
