@@ -44,7 +44,8 @@ def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s:
     cfg = FeatureDistillConfig(divergence=args.divergence, feature_weight=args.feature_weight,
                                logit_weight=args.logit_weight, noise=args.noise, batch_size=args.batch_size,
                                lr=args.lr, steps=steps, seconds=args.train_seconds, eval_every=every,
-                               checkpoint_every=every, unroll=args.unroll)
+                               checkpoint_every=every, unroll=args.unroll, lr_schedule=args.lr_schedule,
+                               warmup=args.warmup)
     draft = copy.deepcopy(start)
     if args.init_draft:  # go on training a saved draft: its trained tensors replace the start's
         saved = FeatureDraft.load(target, args.init_draft)
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                    help="cosine: decay the learning rate to 0 over --steps")
+    ap.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     ap.add_argument("--divergence", default="fkl")
     ap.add_argument("--feature-weight", type=float, default=0.1)
     ap.add_argument("--logit-weight", type=float, default=1.0)
@@ -253,7 +257,9 @@ def main(argv=None) -> int:
                  if n_fixed else "")
               + f", made and featurised once in {data_s / 60:.1f} min (0 when reused); {training['steps']} steps "
               f"of batch "
-              f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}, loss = "
+              f"{ts['batch_size']} x {ts['prompt_tokens'] + ts['train_new_tokens']} tokens, lr {ts['lr']}"
+              + (f" ({ts['lr_schedule']}, {ts.get('warmup', 0)} warm-up steps)"
+                 if ts.get("lr_schedule", "constant") != "constant" or ts.get("warmup") else "") + ", loss = "
               f"{ts['feature_weight']} x SmoothL1(features) + {ts['logit_weight']} x {ts['divergence']}(p, q) over "
               f"the draft's ids"
               + (f", proposals unrolled {ts['unroll']} deep (the draft reading its own predicted features beyond the "

@@ -250,6 +250,8 @@ def draft(
     gen_batch_size: Annotated[Optional[int], typer.Option(help="--data target, greedy: prompts per generate call "
                                                                "(larger: fewer, fuller calls)")] = None,
     lr: float = 5e-5,
+    lr_schedule: Annotated[str, typer.Option(help="constant, or cosine: decay to 0 over --steps")] = "constant",
+    warmup: Annotated[int, typer.Option(help="steps of linear learning-rate warm-up")] = 0,
     prompt_tokens: int = 32,
     new_tokens: Annotated[int, typer.Option(help="continuation tokens per sequence")] = 64,
     temperature: Annotated[float, typer.Option(help="temperature of p and q in the divergence")] = 1.0,
@@ -285,7 +287,8 @@ def draft(
         cfg = DistillConfig(divergence=divergence, data=data, mixture=mixture, with_fixed_text=with_fixed_text,
                             unroll=unroll, online=online, steps=steps,
                             tokens=tokens, seconds=seconds, batch_size=batch_size,
-                            gen_batch_size=gen_batch_size, lr=lr, prompt_tokens=prompt_tokens,
+                            gen_batch_size=gen_batch_size, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
+                            prompt_tokens=prompt_tokens,
                             new_tokens=new_tokens, temperature=temperature, feature_weight=feature_weight,
                             eval_every=eval_every, eval_prompts=eval_prompts, eval_new_tokens=eval_new_tokens,
                             draft_vocab=draft_vocab)

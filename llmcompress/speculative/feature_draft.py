@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
@@ -40,6 +40,7 @@ from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_e
                                             sample, verify_round)
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
+from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrSchedule, scheduled_lr
 
 
 FEATURE_FILE = "feature_draft.json"
@@ -284,12 +285,22 @@ class FeatureDistillConfig(BaseModel):
                         "extra depth costs about one more draft pass per step)")
     batch_size: int = Field(8, gt=0)
     lr: float = Field(3e-4, gt=0)
+    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
+                                    "over the steps budget (needs steps)")
+    warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
+    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's learning rate at the last step")
     steps: int | None = Field(200, gt=0)
     tokens: int | None = Field(None, gt=0, description="stop after this many training tokens")
     seconds: float | None = Field(None, gt=0, description="stop after this much wall-clock time in this run")
     checkpoint_every: int = Field(50, gt=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.lr_schedule == "cosine" and self.steps is None:
+            raise ValueError("lr_schedule cosine decays over the steps budget: give steps (or use constant)")
+        return self
 
 
 def unroll_mask(length: int, depth: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -420,7 +431,7 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "log": [], "acceptance": [], "identity": ident}
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
-        if state.get("identity") != ident:
+        if SCHEDULE_DEFAULTS | (state.get("identity") or {}) != ident:
             raise ValueError(f"{ckpt} holds a feature-draft run with other settings; give another output folder "
                              "or delete that checkpoint to start over")
         saved = load_file(str(ckpt / "draft.safetensors"))
@@ -456,11 +467,13 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
         loss, parts = feature_draft_loss(draft, feats, tokens, tl, cfg, gen_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = scheduled_lr(state["step"], cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup, cfg.lr_min)
         opt.step()
         state["step"] += 1
         state["tokens"] += int(tokens.numel())
         state["seconds"] += time.perf_counter() - t0
-        state["log"].append({"step": state["step"], "loss": loss.item()} | parts)
+        state["log"].append({"step": state["step"], "loss": loss.item(), "lr": opt.param_groups[0]["lr"]} | parts)
         if progress:
             progress("feature draft", state["step"], cfg.steps or 0)
         last = done()

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
 from llmcompress.speculative.decode import DecodeStats, speculative_decode
+from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrSchedule, scheduled_lr
 from llmcompress.speculative.vocab import token_counts
 
 DataSource = Literal["fixed", "target", "on-policy", "mixture"]
@@ -72,6 +73,10 @@ class DistillConfig(BaseModel):
                                   "online only; feature drafts: always, the divergence weighs 1)")
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-5, gt=0)
+    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
+                                    "over the steps budget (needs steps)")
+    warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
+    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's learning rate at the last step")
     weight_decay: float = Field(0.0, ge=0)
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed: the draft "
                                     "then only moves its layers and final norm, each step is cheaper")
@@ -92,6 +97,8 @@ class DistillConfig(BaseModel):
     def _check(self):
         if self.steps is None and self.tokens is None and self.seconds is None:
             raise ValueError("give a training budget: steps, tokens or seconds")
+        if self.lr_schedule == "cosine" and self.steps is None:
+            raise ValueError("lr_schedule cosine decays over the steps budget: give steps (or use constant)")
         if not self.online and self.data in ("on-policy", "mixture"):
             raise ValueError(f"data {self.data!r} samples from the draft as it trains, so the target's logits "
                              "cannot be precomputed; use online: true (or data fixed/target)")
@@ -258,6 +265,8 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = scheduled_lr(step, cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup, cfg.lr_min)
         opt.step()
         draft.eval()
         state["step"] += 1
@@ -361,7 +370,8 @@ def _distill_feature(target, init: str, corpus, cfg: DistillConfig, out: Path, n
     fcfg = FeatureDistillConfig(divergence=cfg.divergence, feature_weight=cfg.feature_weight, logit_weight=1.0,
                                 temperature=cfg.temperature, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps,
                                 tokens=cfg.tokens, seconds=cfg.seconds, checkpoint_every=cfg.checkpoint_every,
-                                eval_every=cfg.eval_every, seed=cfg.seed, unroll=cfg.unroll)
+                                eval_every=cfg.eval_every, seed=cfg.seed, unroll=cfg.unroll,
+                                lr_schedule=cfg.lr_schedule, warmup=cfg.warmup, lr_min=cfg.lr_min)
     report = train_feature_draft(target, draft, windows, fcfg, out, evaluate, progress, features)
     for e in report["acceptance"]:
         e["tokens"] = e["step"] * cfg.batch_size * windows.shape[1]
@@ -425,7 +435,7 @@ def _save_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt, state: 
 
 def _load_checkpoint(folder: Path, cfg: DistillConfig, draft, proj, opt) -> dict:
     meta = json.loads((folder / "state.json").read_text())
-    if _run_identity(meta["config"]) != _run_identity(cfg.model_dump()):
+    if _run_identity(SCHEDULE_DEFAULTS | meta["config"]) != _run_identity(cfg.model_dump()):
         raise ValueError(f"{folder} holds a run with another configuration; remove it or use another output folder")
     tensors = load_file(str(folder / "state.safetensors"))
     names = _param_names(draft, proj)
