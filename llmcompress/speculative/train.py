@@ -272,7 +272,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         state["step"] += 1
         state["tokens"] += int(mask.sum())
         state["history"].append({"step": state["step"], "tokens": state["tokens"], "source": source,
-                                 "loss": loss.item(), "divergence": div})
+                                 "loss": loss.item(), "divergence": div, "lr": opt.param_groups[0]["lr"]})
         if state["step"] % cfg.eval_every == 0 or done():
             state["evals"].append(_eval(target, draft, eval_prompts, cfg, state))
         if ckpt is not None and (state["step"] % cfg.checkpoint_every == 0 or done()):
@@ -281,7 +281,8 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
             progress("distilling draft", state["step"], total)
     return {"steps": state["step"], "tokens": state["tokens"], "divergence": cfg.divergence, "data": cfg.data,
             "online": cfg.online, "acceptance": state["evals"], "loss_first": _mean_loss(state["history"][:10]),
-            "loss_last": _mean_loss(state["history"][-10:]), "continuation_counts": state["counts"]}
+            "loss_last": _mean_loss(state["history"][-10:]), "continuation_counts": state["counts"],
+            "lr_by_step": [h.get("lr") for h in state["history"]]}
 
 
 def distill(target, init: str, corpus, cfg: DistillConfig, out: Path, num_samples: int = 64,

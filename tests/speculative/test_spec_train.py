@@ -79,6 +79,16 @@ def test_resume_continues_the_same_run(tmp_path):
         train_draft(target, draft_c, windows, prompts, _cfg(steps=6, lr=1e-4), out=tmp_path)
 
 
+def test_layer_trainer_follows_the_schedule():
+    from llmcompress.speculative.schedule import scheduled_lr
+
+    target, draft, windows, prompts = _setup()
+    report = train_draft(target, draft, windows, prompts, _cfg(steps=5, eval_every=5, lr_schedule="cosine",
+                                                                warmup=1, lr_min=1e-4))
+    assert report["lr_by_step"] == pytest.approx([scheduled_lr(s, 3e-3, "cosine", 5, 1, 1e-4) for s in range(5)])
+    assert report["lr_by_step"][1] == pytest.approx(3e-3) and report["lr_by_step"][-1] < 1e-3
+
+
 def test_expand_topk_of_a_peaked_distribution_is_finite():
     from llmcompress.speculative.train import expand_topk, topk_logprobs
 
