@@ -74,16 +74,20 @@ def fixed_windows(args, tok) -> torch.Tensor:
     return pack(stream, args.prompt_tokens + args.train_new_tokens, n, seed=0)
 
 
-def second_pieces(args, tok, train: torch.Tensor) -> torch.Tensor:
-    """Prompts framed, like the training prompts, from the first 800 rows, but from the pieces that
-    --prompts-per-doc 2 adds and the training prompts lack (each document's second piece), --second-pieces of
-    them (-1: all). -> [N, P]"""
+def later_pieces(args, tok, train: torch.Tensor, piece: int, n: int) -> torch.Tensor:
+    """Prompts framed, like the training prompts, from the first 800 rows, but from each document's `piece`-th
+    consecutive piece (2: the pieces --prompts-per-doc 2 adds and the training prompts lack; 3: those that
+    --prompts-per-doc 3 adds to 2), n of them (-1: all). -> [N, P]"""
     from llmcompress.speculative.evaluate import instruction_prompts
 
-    both = instruction_prompts(tok, data_rows()[:800], 10 ** 9, args.prompt_tokens, per_doc=2)  # [M, P]
+    rows = data_rows()[:800]
+    upto = instruction_prompts(tok, rows, 10 ** 9, args.prompt_tokens, per_doc=piece)  # [M, P]
     have = {tuple(r.tolist()) for r in train}
-    rest = torch.stack([r for r in both if tuple(r.tolist()) not in have])
-    return rest if args.second_pieces < 0 else rest[: args.second_pieces]
+    if piece > 2:
+        have |= {tuple(r.tolist()) for r in instruction_prompts(tok, rows, 10 ** 9, args.prompt_tokens,
+                                                                per_doc=piece - 1)}
+    rest = torch.stack([r for r in upto if tuple(r.tolist()) not in have])
+    return rest if n < 0 else rest[:n]
 
 
 def main(argv=None) -> int:
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
                     help="also train on the target's continuations of this many prompts framed from the training "
                          "documents' second pieces (-1: all), made into their own folder (the LM head's ids are "
                          "still chosen from the first continuations alone)")
+    ap.add_argument("--third-pieces", type=int, default=0,
+                    help="the same for the documents' third pieces (their own folder)")
     ap.add_argument("--prompts-per-doc", type=int, default=1,
                     help="training prompts framed from each training document's consecutive pieces")
     ap.add_argument("--train-seconds", type=float, default=None, help="wall-clock training budget")
@@ -183,12 +189,14 @@ def main(argv=None) -> int:
         n_fixed = 0
         counts = token_counts(seqs[:, args.prompt_tokens:], target.config.vocab_size)
         n_second = 0
-        if args.second_pieces:
-            extra = second_pieces(args, tok, train)
+        for piece, n in ((2, args.second_pieces), (3, args.third_pieces)):
+            if not n:
+                continue
+            extra = later_pieces(args, tok, train, piece, n)
             eseqs, efeats = cache_target_sequences(target, extra, args.train_new_tokens,
                                                    work / f"sequences-{args.prompt_tokens}+{args.train_new_tokens}"
-                                                   "-piece2", args.chunk)
-            seqs, feats, n_second = torch.cat([seqs, eseqs]), torch.cat([feats, efeats]), len(eseqs)
+                                                   f"-piece{piece}", args.chunk)
+            seqs, feats, n_second = torch.cat([seqs, eseqs]), torch.cat([feats, efeats]), n_second + len(eseqs)
         if args.fixed_windows:
             fixed = fixed_windows(args, tok)
             fseqs, ffeats = cache_target_sequences(target, fixed, 0, work / f"fixed-{fixed.shape[1]}", args.chunk)
@@ -251,7 +259,8 @@ def main(argv=None) -> int:
               "replace the draft's own after every verification",
               f"- training (offline) on {training['device']}: {training['train_sequences'] - n_fixed} target greedy "
               f"continuations of {ts['train_new_tokens']} tokens after {ts['prompt_tokens']}-token training prompts"
-              + (f" ({n_second} of them of prompts framed from the documents' second pieces)" if n_second else "")
+              + (f" ({n_second} of them of prompts framed from the documents' "
+                 f"{'second and third' if ts.get('third_pieces') else 'second'} pieces)" if n_second else "")
               + (f", plus {n_fixed} windows of {ts['prompt_tokens'] + ts['train_new_tokens']} tokens of the first 800 "
                  "rows' own text (features from one teacher-forced target pass, logits from the target's head)"
                  if n_fixed else "")
