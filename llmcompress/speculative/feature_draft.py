@@ -288,7 +288,7 @@ class FeatureDistillConfig(BaseModel):
     lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
                                     "over the steps budget (needs steps)")
     warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
-    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's learning rate at the last step")
+    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's floor, reached at the end of the steps budget")
     steps: int | None = Field(200, gt=0)
     tokens: int | None = Field(None, gt=0, description="stop after this many training tokens")
     seconds: float | None = Field(None, gt=0, description="stop after this much wall-clock time in this run")

@@ -76,7 +76,7 @@ class DistillConfig(BaseModel):
     lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
                                     "over the steps budget (needs steps)")
     warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
-    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's learning rate at the last step")
+    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's floor, reached at the end of the steps budget")
     weight_decay: float = Field(0.0, ge=0)
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed: the draft "
                                     "then only moves its layers and final norm, each step is cheaper")
