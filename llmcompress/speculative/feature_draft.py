@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
@@ -40,7 +40,7 @@ from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_e
                                             sample, verify_round)
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
-from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrSchedule, scheduled_lr
+from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrScheduleFields
 
 
 FEATURE_FILE = "feature_draft.json"
@@ -270,7 +270,7 @@ def feature_step_cost(draft: FeatureDraft, target, prompt: torch.Tensor, steps: 
 
 
 # ----------------------------------------------------------------------------- training
-class FeatureDistillConfig(BaseModel):
+class FeatureDistillConfig(LrScheduleFields):
     """Online training of a feature draft (the `draft` stage's fields when `init` is feature:K)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -285,22 +285,12 @@ class FeatureDistillConfig(BaseModel):
                         "extra depth costs about one more draft pass per step)")
     batch_size: int = Field(8, gt=0)
     lr: float = Field(3e-4, gt=0)
-    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
-                                    "over the steps budget (needs steps)")
-    warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
-    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's floor, reached at the end of the steps budget")
     steps: int | None = Field(200, gt=0)
     tokens: int | None = Field(None, gt=0, description="stop after this many training tokens")
     seconds: float | None = Field(None, gt=0, description="stop after this much wall-clock time in this run")
     checkpoint_every: int = Field(50, gt=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.lr_schedule == "cosine" and self.steps is None:
-            raise ValueError("lr_schedule cosine decays over the steps budget: give steps (or use constant)")
-        return self
 
 
 def unroll_mask(length: int, depth: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -468,7 +458,7 @@ def train_feature_draft(target, draft: FeatureDraft, windows: torch.Tensor, cfg:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
-            g["lr"] = scheduled_lr(state["step"], cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup, cfg.lr_min)
+            g["lr"] = cfg.lr_at(state["step"])
         opt.step()
         state["step"] += 1
         state["tokens"] += int(tokens.numel())

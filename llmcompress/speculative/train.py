@@ -32,19 +32,19 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
 from llmcompress.speculative.decode import DecodeStats, speculative_decode
-from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrSchedule, scheduled_lr
+from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrScheduleFields
 from llmcompress.speculative.vocab import token_counts
 
 DataSource = Literal["fixed", "target", "on-policy", "mixture"]
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(LrScheduleFields):
     """How a draft is distilled. These fields are the `draft` stage's recipe section and the CLI's options."""
 
     model_config = ConfigDict(extra="forbid")
@@ -73,10 +73,6 @@ class DistillConfig(BaseModel):
                                   "online only; feature drafts: always, the divergence weighs 1)")
     batch_size: int = Field(4, gt=0)
     lr: float = Field(5e-5, gt=0)
-    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine: a half cosine from lr to lr_min "
-                                    "over the steps budget (needs steps)")
-    warmup: int = Field(0, ge=0, description="steps of linear warm-up to lr")
-    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's floor, reached at the end of the steps budget")
     weight_decay: float = Field(0.0, ge=0)
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed: the draft "
                                     "then only moves its layers and final norm, each step is cheaper")
@@ -97,8 +93,6 @@ class DistillConfig(BaseModel):
     def _check(self):
         if self.steps is None and self.tokens is None and self.seconds is None:
             raise ValueError("give a training budget: steps, tokens or seconds")
-        if self.lr_schedule == "cosine" and self.steps is None:
-            raise ValueError("lr_schedule cosine decays over the steps budget: give steps (or use constant)")
         if not self.online and self.data in ("on-policy", "mixture"):
             raise ValueError(f"data {self.data!r} samples from the draft as it trains, so the target's logits "
                              "cannot be precomputed; use online: true (or data fixed/target)")
@@ -266,7 +260,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = scheduled_lr(step, cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup, cfg.lr_min)
+            g["lr"] = cfg.lr_at(step)
         opt.step()
         draft.eval()
         state["step"] += 1
