@@ -39,7 +39,7 @@ test-fast: setup
 bench: setup  # one at a time: two benchmarks on two cores disturb each other
 	$(PY) benchmarks/quickstart.py
 	$(PY) benchmarks/cost_model.py --threads 1 --clock process
-	-$(PY) benchmarks/kernels.py  # needs a CUDA GPU; exits 2 without one
+	-$(PY) benchmarks/kernel_speed.py  # needs a CUDA GPU; exits 2 without one
 
 bench-sparsity: setup  # hours on a 2-core CPU; the peer, llm-compressor, gets a virtualenv of its own
 	bash benchmarks/peer_setup.sh

@@ -31,8 +31,7 @@ KEEP=${KEEP:-/root/keep}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 CONFIG=${CONFIG:-fkl/target/online}
 
-setup_there() {  # the machine's copy of the tree has no installed package: kernels/ maps to llmcompress.kernels
-  ln -sfn ../kernels llmcompress/kernels
+setup_there() {  # the machine's copy of the tree has no installed package: the checkout goes on PYTHONPATH
   export PYTHONPATH=$KEEP/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one lease of a lent GPU is used for, in one call (see benchmarks/README or the issue notes):
-#   1. benchmarks/kernels.py: every kernel vs cuBLAS / cuSPARSELt at the Llama-3-8B shapes (autotuned);
+#   1. benchmarks/kernel_speed.py: every kernel vs cuBLAS / cuSPARSELt at the Llama-3-8B shapes (autotuned);
 #   2. the whole kernel test suite on CUDA (first config of each table, 8 processes compiling in parallel).
 # Writes gpu.txt, bench.log, tests.log and kernels-<gpu>.{json,md} to $OUT (default ./gpu-out).
 #   LLMCOMMIT=<sha> bash benchmarks/gpu_session.sh
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1 LLMCOMPRESS_COMMIT=${LLMCOMM
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
-timeout "${BENCH_S:-300}" python3 benchmarks/kernels.py --out "$OUT" --budget-s "${BUDGET_S:-220}" ${MS:+--ms $MS} > "$OUT/bench.log" 2>&1
+timeout "${BENCH_S:-300}" python3 benchmarks/kernel_speed.py --out "$OUT" --budget-s "${BUDGET_S:-220}" ${MS:+--ms $MS} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 start=$(date +%s)
 LLMCOMPRESS_KERNEL_CONFIGS=first timeout "${TEST_S:-170}" \

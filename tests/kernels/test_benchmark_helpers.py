@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
 _spec = importlib.util.spec_from_file_location("bench_kernels", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

@@ -1,6 +1,6 @@
 """Benchmark our Triton kernels against torch (cuBLAS fp16, cuSPARSELt 2:4, int8 _int_mm).
 
-    python benchmarks/kernels.py [--out benchmarks/results] [--ms 1 4 16 64 2048] [--budget-s 270]
+    python benchmarks/kernel_speed.py [--out benchmarks/results] [--ms 1 4 16 64 2048] [--budget-s 270]
 
 Llama-3-8B linear shapes (N x K: out x in) for each M; fp16 activations. For every kernel it reports
 the median time over repeated CUDA-graph replays (CUDA events, L2 flushed before each run, after
@@ -107,16 +107,9 @@ def markdown(report: dict) -> str:
 
 
 def import_kernels():
-    """llmcompress.kernels, also from a checkout that was not pip-installed."""
-    try:
-        import llmcompress.kernels  # noqa: F401
-    except ModuleNotFoundError:
-        sys.path.insert(0, str(ROOT))
-        spec = importlib.util.spec_from_file_location(
-            "llmcompress.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        sys.modules["llmcompress.kernels"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    """llmcompress.kernels, also from a checkout that was not pip-installed (the checkout's root on the path)."""
+    if importlib.util.find_spec("llmcompress") is None:
+        sys.path.append(str(ROOT))  # after site-packages: the root must not shadow installed packages
     from llmcompress.kernels import int8, sparse24_matmul, sparse24_pack, sparse24_w4a16, w4a16
 
     return int8, sparse24_matmul, sparse24_pack, sparse24_w4a16, w4a16
@@ -344,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new measurements after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU and none is available; nothing was measured.", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a CUDA GPU and none is available; nothing was measured.", file=sys.stderr)
         return 2
     report = run(args)
     js, md = write_results(f"kernels-{gpu_slug(report['gpu'])}", report, markdown(report), args.out)
