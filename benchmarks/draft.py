@@ -170,6 +170,10 @@ def measurer(args, target, prompts: list, ecfg):
     return measure
 
 
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str]:
     """Markdown rows (header included): one per draft and gamma, tau against the undistilled draft `base`'s;
     `suffix` follows each draft's name."""
@@ -183,7 +187,7 @@ def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str
             kept = " / ".join(f"{a:.2f}" for a in row.get("acceptance_by_position", [])) or "-"
             lines.append(f"| {r['draft']}{suffix} | {train_s} | {row['gamma']} | {row['alpha']:.3f} | {kept} | "
                          f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {r['eval']['cost_ratio_c']:.3f} | "
-                         f"{row['predicted_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
+                         f"{_x(row['predicted_speedup'])} | {row['measured_speedup']:.2f}x | "
                          f"{row['identical_output']} |")
     return lines
 

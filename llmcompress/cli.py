@@ -145,6 +145,11 @@ def eval_cmd(
                                                    "probability is below this (0: always gamma tokens)")] = 0.0,
     cpu_linear: Annotated[str, typer.Option(help="--draft: CPU linears while decoding: auto, onednn or "
                                                    "torch")] = "auto",
+    lookup: Annotated[int, typer.Option(help="propose tokens looked up in the context (prompt lookup) where its "
+                                             "last N..--lookup-min tokens occurred before, the --draft elsewhere; "
+                                             "without --draft, lookup alone (0: off)")] = 0,
+    lookup_min: Annotated[int, typer.Option(help="--lookup: the shortest n-gram that counts as a match")] = 2,
+    lookup_tokens: Annotated[int, typer.Option(help="--lookup: tokens proposed after a match")] = 6,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -158,23 +163,29 @@ def eval_cmd(
         from llmcompress.models.loading import cache_dir
         from llmcompress.pipeline.run import DTYPES
         from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_draft, parse_gammas
+        from llmcompress.speculative.lookup import LookupConfig
 
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         _check_new_file(report, overwrite)
         cfg = EvalConfig(perplexity=perplexity, ppl_seq_len=seq_len, ppl_max_windows=max_windows, tasks=task or [],
                          task_limit=task_limit, speed=speed, prefill_len=prefill_len, decode_tokens=decode_tokens)
-        graph = load(model, dtype=DTYPES[dtype], device=device)
+        if lookup < 0:
+            raise UserError(f"--lookup {lookup}: give the longest n-gram to match (e.g. 3), or 0 for no lookup")
+        look = LookupConfig(max_ngram=lookup, min_ngram=min(lookup_min, lookup), tokens=lookup_tokens) if lookup \
+            else None
         spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens,
-                                  draft_vocab=draft_vocab, draft_stop=draft_stop, cpu_linear=cpu_linear)
+                                  draft_vocab=draft_vocab, draft_stop=draft_stop, cpu_linear=cpu_linear, lookup=look)
+        graph = load(model, dtype=DTYPES[dtype], device=device)
+        spec = bool(draft or look)
         heldout = None
-        if perplexity or draft:
+        if perplexity or spec:
             corpus = Corpus(DataConfig(source=data, field=field, heldout_rows=heldout_rows, seq_len=seq_len),
                             graph.tokenizer, teacher=graph, cache=cache_dir())
             heldout = corpus.heldout_stream() if perplexity else None
         with progress_bar() as update:
             result = evaluate(graph, graph.tokenizer, cfg, heldout, Path.cwd(), update)
-            if draft:
+            if spec:
                 result["speculative"] = evaluate_draft(graph, draft, corpus, spec_cfg, update)
         result["model"] = model
         _render_eval(result)
@@ -209,16 +220,27 @@ def _render_eval(r: dict) -> None:
 
 
 def _render_speculative(s: dict) -> None:
-    title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers, "
-             f"head over {s['draft_vocab']:,} ids), c = {s['cost_ratio_c']:.3f}")
+    look = s.get("lookup")
+    by = (f"prompt lookup (n-grams {look['min_ngram']}-{look['max_ngram']}, {look['tokens']} tokens)" if look
+          else "")
+    if s["draft"] is None:
+        title = f"speculative decoding: {by} alone"
+    else:
+        title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers, "
+                 f"head over {s['draft_vocab']:,} ids){' + ' + by if look else ''}, c = {s['cost_ratio_c']:.3f}")
     table = Table(title=title, title_justify="left")
-    for col in ("gamma", "alpha", "tau", "accepted", "kept by position", "predicted speed-up", "measured speed-up",
-                "identical output"):
+    cols = ("gamma", "alpha", "tau", "accepted", "kept by position") if s["draft"] is not None else ("tokens", "tau")
+    cols += ("looked up (kept / proposed)",) if look else ()
+    for col in cols + ("predicted speed-up", "measured speed-up", "identical output"):
         table.add_column(col, justify="right")
     for g in s["gammas"]:
         kept = " ".join(f"{a:.2f}" for a in g["acceptance_by_position"])
-        table.add_row(str(g["gamma"]), f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}", kept,
-                      f"{g['predicted_speedup']:.2f}x", f"{g['measured_speedup']:.2f}x",
+        row = [str(g["gamma"])]
+        row += [f"{g['alpha']:.3f}", f"{g['tau']:.2f}", f"{g['acceptance_rate']:.3f}", kept] if s["draft"] is not None \
+            else [f"{g['tau']:.2f}"]
+        row += [f"{g['lookup_accepted']:,} / {g['lookup_proposed']:,}"] if look else []
+        pred = "-" if g["predicted_speedup"] is None else f"{g['predicted_speedup']:.2f}x"
+        table.add_row(*row, pred, f"{g['measured_speedup']:.2f}x",
                       {True: "yes", False: "NO", None: "n/a"}[g["identical_output"]])
     out_console.print(table)
     out_console.print(f"protocol: {s['protocol']}; target alone {s['target_tok_s']:.1f} tokens/s", highlight=False)

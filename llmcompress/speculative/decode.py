@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from llmcompress.speculative.divergences import acceptance
+from llmcompress.speculative.lookup import LookupConfig, lookup_proposal
 
 
 @dataclass
@@ -36,6 +37,12 @@ class DecodeStats:
     drafted_per_call: list[int] = field(default_factory=list)  # < gamma where drafting stopped early
     overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p(x), q(x))
     overlap_count: int = 0
+    # rounds whose proposal was looked up in the context (`lookup`), not drafted; drafted, accepted and alpha
+    # count the draft model's rounds alone, tau every round
+    lookup_rounds: int = 0
+    lookup_proposed: int = 0
+    lookup_accepted: int = 0
+    looked_up_per_call: list[bool] = field(default_factory=list)
 
     @property
     def alpha(self) -> float:
@@ -58,6 +65,9 @@ class DecodeStats:
         k + 1 too (conditional acceptance per draft position; a draft that drifts on its own proposals falls off)."""
         n = self.accepted_per_call
         d = self.drafted_per_call if len(self.drafted_per_call) == len(n) else [self.gamma] * len(n)
+        if len(self.looked_up_per_call) == len(n):  # the draft model's rounds alone
+            rounds = [(a, m) for a, m, lk in zip(n, d, self.looked_up_per_call) if not lk]
+            n, d = [a for a, _ in rounds], [m for _, m in rounds]
         out = []
         for k in range(self.gamma):
             reached = [a for a, m in zip(n, d) if a >= k and m > k]
@@ -69,12 +79,16 @@ class DecodeStats:
                            self.drafted + other.drafted, self.accepted + other.accepted,
                            self.new_tokens + other.new_tokens, self.accepted_per_call + other.accepted_per_call,
                            self.drafted_per_call + other.drafted_per_call, self.overlap_sum + other.overlap_sum,
-                           self.overlap_count + other.overlap_count)
+                           self.overlap_count + other.overlap_count, self.lookup_rounds + other.lookup_rounds,
+                           self.lookup_proposed + other.lookup_proposed, self.lookup_accepted + other.lookup_accepted,
+                           self.looked_up_per_call + other.looked_up_per_call)
 
     def as_dict(self) -> dict:
         return {"gamma": self.gamma, "target_calls": self.target_calls, "drafted": self.drafted,
                 "accepted": self.accepted, "new_tokens": self.new_tokens, "alpha": self.alpha, "tau": self.tau,
-                "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position}
+                "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position,
+                "lookup_rounds": self.lookup_rounds, "lookup_proposed": self.lookup_proposed,
+                "lookup_accepted": self.lookup_accepted}
 
 
 # ----------------------------------------------------------------------------- pure sampling steps
@@ -128,21 +142,44 @@ def verify(draft_tokens: list[int], q: torch.Tensor, p: torch.Tensor, greedy: bo
 
 
 def verify_round(drafted: list[int], qs: list[torch.Tensor], qls: list[torch.Tensor], pl: torch.Tensor,
-                 temperature: float, generator: torch.Generator | None, stats: DecodeStats) -> tuple[int, int]:
-    """One verification: `verify` on the draft's q [gamma] x [V] and the target's logits pl [gamma + 1, V], and the
-    round counted into `stats` (the alpha integrand over the accepted positions and the first rejected one).
-    -> (accepted count, next token)"""
-    gamma = len(drafted)
-    n, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), temperature == 0, generator)
-    k = min(n + 1, gamma)
-    stats.overlap_sum += float(acceptance(pl[:k], torch.stack(qls[:k]), temperature).sum())
-    stats.overlap_count += k
+                 temperature: float, generator: torch.Generator | None, stats: DecodeStats,
+                 looked_up: bool = False) -> tuple[int, int]:
+    """One verification: `verify` on the proposals' q [k] x [V] and the target's logits pl [k + 1, V], and the
+    round counted into `stats` (a draft model's round: the alpha integrand over the accepted positions and the
+    first rejected one; `looked_up`: the lookup counters). k = 0: a plain target step. -> (accepted, next token)"""
+    k = len(drafted)
+    if k == 0:
+        p = probs(pl[-1], temperature)
+        n, nxt = 0, int(p.argmax()) if temperature == 0 else sample(p, generator)
+    else:
+        n, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), temperature == 0, generator)
+    if looked_up:
+        stats.lookup_rounds += 1
+        stats.lookup_proposed += k
+        stats.lookup_accepted += n
+    elif k:
+        m = min(n + 1, k)
+        stats.overlap_sum += float(acceptance(pl[:m], torch.stack(qls[:m]), temperature).sum())
+        stats.overlap_count += m
+        stats.drafted += k
+        stats.accepted += n
     stats.target_calls += 1
-    stats.drafted += gamma
-    stats.accepted += n
     stats.accepted_per_call.append(n)
-    stats.drafted_per_call.append(gamma)
+    stats.drafted_per_call.append(k)
+    stats.looked_up_per_call.append(looked_up)
     return n, nxt
+
+
+def look_up(history: list[int], lookup: LookupConfig | None, room: int, vocab: int, device
+            ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """A proposal from the context (`lookup.lookup_proposal`), at most `room` tokens, as a draft whose
+    distribution is one-hot on each token. -> (tokens, q [V] each, its logits [V] each: 0 at the token, -inf
+    elsewhere); empty without `lookup` or a match"""
+    if lookup is None or room < 1:
+        return [], [], []
+    toks = lookup_proposal(history, lookup.max_ngram, lookup.min_ngram, min(lookup.tokens, room))
+    qs = [torch.nn.functional.one_hot(torch.tensor(t, device=device), vocab).float() for t in toks]
+    return toks, qs, [q.log() for q in qs]
 
 
 def cut_at_eos(seq: torch.Tensor, new: list[int], eos_token_id: int | None) -> tuple[torch.Tensor, bool]:
@@ -185,6 +222,10 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _vocab(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
 # ----------------------------------------------------------------------------- decoders
 @torch.no_grad()
 def target_decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -210,26 +251,33 @@ def target_decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature:
 @torch.no_grad()
 def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int, gamma: int = 4,
                        temperature: float = 0.0, generator: torch.Generator | None = None,
-                       eos_token_id: int | None = None, stop_below: float = 0.0) -> tuple[torch.Tensor, DecodeStats]:
+                       eos_token_id: int | None = None, stop_below: float = 0.0,
+                       lookup: LookupConfig | None = None) -> tuple[torch.Tensor, DecodeStats]:
     """Speculative sampling from `target` with proposals by `draft`. prompt: [1, P] -> ([1, P + new], stats).
 
     temperature 0: greedy (output = the target's greedy output); > 0: sampling, distributed as the
     target's samples at that temperature. `generator` seeds every random draw. A round drafts up to `gamma`
-    tokens, fewer when one's draft probability falls below `stop_below` (`keep_drafting`).
+    tokens, fewer when one's draft probability falls below `stop_below` (`keep_drafting`). With `lookup`, a
+    round whose context holds a match proposes the looked-up tokens instead (`lookup.py`); `draft` None: lookup
+    alone, a plain target step where nothing matches.
     """
     _check_prompt(prompt)
     if gamma < 1:
         raise ValueError(f"gamma={gamma} must be >= 1")
+    if draft is None and lookup is None:
+        raise ValueError("speculative decoding needs a draft model, a lookup (LookupConfig) or both")
     greedy = temperature == 0
     seq = prompt.to(_device(target))
     end = seq.shape[1] + max_new_tokens
-    tcache, dcache = prefill(target, seq), prefill(draft, seq)
+    tcache = prefill(target, seq)
+    dcache = prefill(draft, seq) if draft is not None else None
+    history = seq[0].tolist()
     stats = DecodeStats(gamma=gamma)
     while seq.shape[1] < end:
-        # draft gamma tokens: q [gamma, V], ql the draft's logits
-        drafted, qs, qls, d_seq = [], [], [], seq
-        for _ in range(gamma):
-            ql = feed(draft, d_seq, dcache)[-1]
+        drafted, qs, qls = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device)
+        looked_up, d_seq = bool(drafted), seq
+        for _ in range(gamma if draft is not None and not looked_up else 0):
+            ql = feed(draft, d_seq, dcache)[-1]  # draft gamma tokens: q [V] each, ql the draft's logits
             q = probs(ql, temperature)
             tok = int(q.argmax()) if greedy else sample(q, generator)
             drafted.append(tok)
@@ -238,14 +286,16 @@ def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
             d_seq = torch.cat([d_seq, d_seq.new_tensor([[tok]])], 1)
             if not keep_drafting(ql, q, tok, temperature, stop_below):
                 break
-        # verify all of them in one target pass: logits [k + 1, V] at the last seq token and each of the k drafted
-        pl = feed(target, seq, tcache, seq.new_tensor([drafted]))[-(len(drafted) + 1):]
-        n, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
+        # verify all of them in one target pass: logits [k + 1, V] at the last seq token and each of the k proposed
+        pl = feed(target, seq, tcache, seq.new_tensor([drafted]) if drafted else None)[-(len(drafted) + 1):]
+        n, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats, looked_up)
         new = drafted[:n] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)
+        history += new
         # roll back: both caches keep at most seq[:, :-1] (the draft may lack the last accepted token)
         rollback(tcache, seq.shape[1] - 1)
-        rollback(dcache, seq.shape[1] - 1)
+        if dcache is not None:
+            rollback(dcache, seq.shape[1] - 1)
         seq, stop = cut_at_eos(seq, new, eos_token_id)
         if stop:
             break
@@ -267,10 +317,23 @@ def hf_assisted_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
                            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad, **kw)
 
 
+@torch.no_grad()
+def hf_prompt_lookup_decode(target, prompt: torch.Tensor, max_new_tokens: int, lookup: LookupConfig,
+                            eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy prompt lookup decoding through transformers' `generate(prompt_lookup_num_tokens=...)` (the peer of
+    lookup alone). It matches suffixes of `lookup.max_ngram` tokens down to 1 and proposes `lookup.tokens`."""
+    _check_prompt(prompt)
+    prompt = prompt.to(_device(target))
+    pad = eos_token_id if eos_token_id is not None else 0
+    return target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                           prompt_lookup_num_tokens=lookup.tokens, max_matching_ngram_size=lookup.max_ngram,
+                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad)
+
+
 def _check_prompt(prompt: torch.Tensor) -> None:
     if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be one non-empty sequence of shape [1, P], got {tuple(prompt.shape)}")
 
 
-__all__ = ["DecodeStats", "hf_assisted_decode", "keep_drafting", "probs", "residual", "rollback", "sample", "speculative_decode",
-           "target_decode", "verify", "verify_round", "cut_at_eos"]
+__all__ = ["DecodeStats", "cut_at_eos", "hf_assisted_decode", "hf_prompt_lookup_decode", "keep_drafting", "look_up",
+           "probs", "residual", "rollback", "sample", "speculative_decode", "target_decode", "verify", "verify_round"]

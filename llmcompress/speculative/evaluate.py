@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmcompress.models.cpu_linear import CpuLinear, packed_linears, resolve
 from llmcompress.speculative import metrics
-from llmcompress.speculative.decode import (DecodeStats, feed, hf_assisted_decode, prefill, speculative_decode,
-                                            target_decode)
+from llmcompress.speculative.decode import (DecodeStats, feed, hf_assisted_decode, hf_prompt_lookup_decode, prefill,
+                                            speculative_decode, target_decode)
+from llmcompress.speculative.lookup import LookupConfig
 
 
 class SpecEvalConfig(BaseModel):
@@ -31,7 +32,8 @@ class SpecEvalConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: speculative sampling")
     seed: int = 0
     cost_steps: int = Field(16, gt=0, description="decode steps timed per model for the cost ratio c")
-    compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma")
+    compare_hf: bool = Field(False, description="also time transformers' generate(assistant_model=...) per gamma "
+                             "(with no draft model: its prompt lookup, generate(prompt_lookup_num_tokens=...))")
     draft_vocab: int | None = Field(None, gt=0, description="restrict the draft's LM head to the N most frequent "
                                     "ids of the training text (plus special tokens): a cheaper draft, still lossless")
     draft_stop: float = Field(0.0, ge=0, lt=1, description="stop a round's drafting once a proposal's draft "
@@ -39,6 +41,8 @@ class SpecEvalConfig(BaseModel):
     cpu_linear: CpuLinear = Field("auto", description="how float32 CPU linears run while decoding: onednn (weights "
                                   "reordered once; verifying gamma + 1 tokens costs about one decode step), torch "
                                   "(F.linear, MKL), auto (onednn where it runs)")
+    lookup: LookupConfig | None = Field(None, description="propose tokens looked up in the context where it holds "
+                                        "a match (prompt lookup), the draft model elsewhere; lossless either way")
 
     @field_validator("gammas")
     @classmethod
@@ -140,19 +144,26 @@ def _timed(fn, device):
 
 def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                          progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """The report of the module doc for `draft` proposing to `target` on `prompts` (each [1, P]).
+    """The report of the module doc for `draft` proposing to `target` on `prompts` (each [1, P]); with
+    `cfg.lookup`, looked-up proposals where the context matches (draft None: lookup alone, c = 0, one row).
 
     Per prompt, target-only decoding and each gamma run back to back, so slow drifts of machine load
     affect all of them alike. Both models decode through the same linears (`cfg.cpu_linear`)."""
     from llmcompress.speculative.draft_init import check_compatible
     from llmcompress.speculative.feature_draft import is_feature_draft
 
-    check_compatible(target, draft)
+    if draft is None and cfg.lookup is None:
+        raise ValueError("nothing proposes tokens: give a draft model, a lookup (--lookup N), or both")
+    if draft is not None:
+        check_compatible(target, draft)
+    if draft is not None and cfg.lookup is not None and cfg.compare_hf:
+        raise ValueError("transformers runs a draft model or prompt lookup, not both; leave out compare_hf, or "
+                         "measure the lookup alone (no draft) against its prompt lookup")
     if is_feature_draft(draft) and cfg.compare_hf:
         raise ValueError("transformers' assisted generation cannot run a feature draft (it reads the target's "
                          "features); leave out compare_hf")
     packed = resolve(cfg.cpu_linear, next(target.parameters()).device)
-    with torch.no_grad(), packed_linears(target, draft, enabled=packed):
+    with torch.no_grad(), packed_linears(*[m for m in (target, draft) if m is not None], enabled=packed):
         report = _evaluate(target, draft, prompts, cfg, progress)
     how = "oneDNN, weights reordered once" if packed else "F.linear"
     return report | {"cpu_linear": "onednn" if packed else "torch",
@@ -165,33 +176,40 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
 
     feature = is_feature_draft(draft)
     decode = feature_speculative_decode if feature else speculative_decode
-    target.eval(), draft.eval()
+    target.eval()
+    if draft is not None:
+        draft.eval()
     device = next(target.parameters()).device
     eos = getattr(getattr(target, "tokenizer", None), "eos_token_id", None)
     prompts = [p[:, : cfg.prompt_tokens] for p in prompts[: cfg.prompts]]
-    runs = 1 + len(cfg.gammas) * (2 if cfg.compare_hf else 1)
+    gammas = cfg.gammas if draft is not None else [cfg.lookup.tokens]  # lookup alone: its tokens per round
+    runs = 1 + len(gammas) * (2 if cfg.compare_hf else 1)
 
     def gen(i):
         return torch.Generator(device="cpu").manual_seed(cfg.seed + i)
 
+    def hf(p, gamma):
+        if draft is None:
+            return hf_prompt_lookup_decode(target, p, cfg.new_tokens, cfg.lookup, eos)
+        return hf_assisted_decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature, eos)
+
     target_decode(target, prompts[0], 2)  # warm-up (allocator, kernels)
-    decode(target, draft, prompts[0], 2, gamma=1)
-    c = cost_ratio(draft, target, prompts[0], cfg.cost_steps)
+    decode(target, draft, prompts[0], 2, gamma=1, lookup=cfg.lookup)
+    c = cost_ratio(draft, target, prompts[0], cfg.cost_steps) if draft is not None else 0.0
     base_time, new_tokens = 0.0, 0
     spec = {g: {"stats": DecodeStats(gamma=g), "seconds": 0.0, "identical": True, "hf_seconds": 0.0,
-                "hf_identical": True} for g in cfg.gammas}
+                "hf_identical": True} for g in gammas}
     for i, p in enumerate(prompts):
         (ref, _), dt = _timed(lambda: target_decode(target, p, cfg.new_tokens, cfg.temperature, gen(i), eos), device)
         base_time += dt
         new_tokens += ref.shape[1] - p.shape[1]
         for gamma, r in spec.items():
             (out, st), dt = _timed(lambda: decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature, gen(i),
-                                                  eos, cfg.draft_stop), device)
+                                                  eos, cfg.draft_stop, cfg.lookup), device)
             r["stats"], r["seconds"] = r["stats"].merge(st), r["seconds"] + dt
             r["identical"] &= torch.equal(out, ref)
             if cfg.compare_hf:
-                out, dt = _timed(lambda: hf_assisted_decode(target, draft, p, cfg.new_tokens, gamma, cfg.temperature,
-                                                            eos), device)
+                out, dt = _timed(lambda: hf(p, gamma), device)
                 r["hf_seconds"] += dt
                 r["hf_identical"] &= torch.equal(out, ref)
         if progress:
@@ -201,8 +219,9 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
     for gamma, r in spec.items():
         alpha = min(max(r["stats"].alpha, 0.0), 1.0)
         rows.append(r["stats"].as_dict() | {
-            "expected_tau": metrics.expected_tokens(alpha, gamma),
-            "predicted_speedup": metrics.speedup(alpha, gamma, c),
+            # Leviathan's formulas model a draft model's rounds; lookup alone has none
+            "expected_tau": metrics.expected_tokens(alpha, gamma) if draft is not None else None,
+            "predicted_speedup": metrics.speedup(alpha, gamma, c) if draft is not None else None,
             "measured_speedup": base_time / r["seconds"],
             "seconds": r["seconds"],
             "identical_output": r["identical"] if greedy else None,
@@ -211,12 +230,13 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
             rows[-1] |= {"hf_seconds": r["hf_seconds"], "hf_measured_speedup": base_time / r["hf_seconds"],
                          "hf_identical_output": r["hf_identical"] if greedy else None}
     alpha = sum(r["alpha"] for r in rows) / len(rows)
-    head = draft.get_output_embeddings()
+    head = draft.get_output_embeddings() if draft is not None else None
     return {
-        "draft_kind": "feature" if feature else "model",
-        "draft_layers": len(draft.model.layers),
-        "draft_vocab": int(head.weight.shape[0]),
+        "draft_kind": "none" if draft is None else "feature" if feature else "model",
+        "draft_layers": len(draft.model.layers) if draft is not None else 0,
+        "draft_vocab": int(head.weight.shape[0]) if head is not None else 0,
         "target_layers": len(target.model.layers),
+        "lookup": cfg.lookup.model_dump() if cfg.lookup else None,
         "prompts": len(prompts),
         "new_tokens_per_prompt": cfg.new_tokens,
         "temperature": cfg.temperature,
@@ -224,7 +244,7 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
         "target_seconds": base_time,
         "target_tok_s": new_tokens / base_time,
         "alpha": alpha,
-        "optimal_gamma_predicted": metrics.optimal_gamma(alpha, c),
+        "optimal_gamma_predicted": metrics.optimal_gamma(alpha, c) if draft is not None else None,
         "gammas": rows,
         "threads": torch.get_num_threads(),
         "draft_stop": cfg.draft_stop,
@@ -235,22 +255,28 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                      "(greedy: argmax agreement) on the decoded path; kept by position k = the fraction of calls "
                      "keeping draft token k among those that drafted it and kept tokens 1..k-1"
                      + (f"; a round drafts up to gamma tokens, stopping after one whose draft probability is below "
-                        f"{cfg.draft_stop}" if cfg.draft_stop else "")),
+                        f"{cfg.draft_stop}" if cfg.draft_stop else "")
+                     + (f"; a round whose last {cfg.lookup.min_ngram}-{cfg.lookup.max_ngram} tokens occurred earlier "
+                        f"in the sequence proposes the up to {cfg.lookup.tokens} tokens that followed the latest "
+                        "occurrence instead (prompt lookup; alpha, c and kept by position are the draft model's "
+                        "rounds alone, tau counts every round)" if cfg.lookup else "")),
     }
 
 
-def evaluate_draft(target, draft_spec: str, corpus, cfg: SpecEvalConfig,
+def evaluate_draft(target, draft_spec: str | None, corpus, cfg: SpecEvalConfig,
                    progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Build the draft `draft_spec` (a model, or layers:K / important:K of `target`) and measure it on the
-    first held-out documents of `corpus` (a `llmcompress.data.Corpus`) as prompts."""
+    """Build the draft `draft_spec` (a model, or layers:K / important:K of `target`; None: `cfg.lookup` alone)
+    and measure it on the first held-out documents of `corpus` (a `llmcompress.data.Corpus`) as prompts."""
     from llmcompress.speculative.draft_init import init_draft
 
     if getattr(target, "tokenizer", None) is None:
         raise ValueError("speculative evaluation needs the target's tokenizer; the model folder has none")
+    if draft_spec is None and cfg.draft_vocab:
+        raise ValueError("--draft-vocab restricts a draft model's head; give --draft, or leave it out")
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
 
-    calib = corpus.train_batches(8, 128) if draft_spec.startswith(("important:", "feature:")) else None
-    draft = init_draft(target, draft_spec, calib)
+    calib = corpus.train_batches(8, 128) if (draft_spec or "").startswith(("important:", "feature:")) else None
+    draft = init_draft(target, draft_spec, calib) if draft_spec is not None else None
     if cfg.draft_vocab:
         from llmcompress.data import token_stream
         from llmcompress.speculative.vocab import SubsetHead

@@ -36,10 +36,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from llmcompress.models.modeling_llmcompress import head_linear
-from llmcompress.speculative.decode import (DecodeStats, _check_prompt, cut_at_eos, keep_drafting, probs, rollback,
-                                            sample, verify_round)
+from llmcompress.speculative.decode import (DecodeStats, _check_prompt, _vocab, cut_at_eos, keep_drafting, look_up,
+                                            probs, rollback, sample, verify_round)
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
+from llmcompress.speculative.lookup import LookupConfig
 from llmcompress.speculative.schedule import SCHEDULE_DEFAULTS, LrScheduleFields
 
 
@@ -189,13 +190,14 @@ def is_feature_draft(draft) -> bool:
 @torch.no_grad()
 def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor, max_new_tokens: int,
                                gamma: int = 4, temperature: float = 0.0, generator: torch.Generator | None = None,
-                               eos_token_id: int | None = None, stop_below: float = 0.0
-                               ) -> tuple[torch.Tensor, DecodeStats]:
-    """`decode.speculative_decode` with a feature draft (`stop_below`: as there). prompt: [1, P] -> ([1, P + new],
-    stats).
+                               eos_token_id: int | None = None, stop_below: float = 0.0,
+                               lookup: LookupConfig | None = None) -> tuple[torch.Tensor, DecodeStats]:
+    """`decode.speculative_decode` with a feature draft (`stop_below`, `lookup`: as there). prompt: [1, P] ->
+    ([1, P + new], stats).
 
     Invariants: the target cache holds every token of `seq` but the last, `feats` [len - 1, D] their features;
-    the draft cache holds `fed` entries, entry t (1-based) built from (f_{t-1}, x_t) with true features only."""
+    the draft cache holds `fed` entries, entry t (1-based) built from (f_{t-1}, x_t) with true features only
+    (a looked-up round leaves it alone: the next drafted round feeds it every true pair it lacks)."""
     _check_prompt(prompt)
     if gamma < 1:
         raise ValueError(f"gamma={gamma} must be >= 1")
@@ -212,15 +214,18 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
         feats = f[0]
         stats.target_calls += 1
         stats.accepted_per_call.append(0)
+        stats.drafted_per_call.append(0)
+        stats.looked_up_per_call.append(False)
     else:
         feats = target_features(target, seq[:, :-1], tcache)[0]  # [P - 1, D]
-    fed = 0
+    fed, history = 0, seq[0].tolist()
     while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
                                       and seq.shape[1] > prompt.shape[1]):
         n = seq.shape[1] - 1  # index of the last token; feats covers 0..n-1
+        drafted, qs, qls = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device)
+        looked_up = bool(drafted)
         f_in, x_in = feats[fed:n][None], seq[:, fed + 1:n + 1]  # the true pairs the draft lacks
-        drafted, qs, qls = [], [], []
-        for _ in range(gamma):
+        for _ in range(0 if looked_up else gamma):
             h, ql = draft(f_in, x_in, dcache)
             ql = ql[0, -1]
             q = probs(ql, temperature)
@@ -232,14 +237,16 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
             if not keep_drafting(ql, q, tok, temperature, stop_below):
                 break
         fv, pl = target_forward(target, torch.cat([seq[:, -1:], seq.new_tensor([drafted])], 1), tcache)
-        pl, fv = pl[0], fv[0]  # [k + 1, V], [k + 1, D]: positions n .. n + k (k drafted)
-        m, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats)
+        pl, fv = pl[0], fv[0]  # [k + 1, V], [k + 1, D]: positions n .. n + k (k proposed)
+        m, nxt = verify_round(drafted, qs, qls, pl, temperature, generator, stats, looked_up)
         new = drafted[:m] + [nxt]
         seq = torch.cat([seq, seq.new_tensor([new])], 1)
+        history += new
         feats = torch.cat([feats, fv[: m + 1]])
         rollback(tcache, seq.shape[1] - 1)
-        rollback(dcache, n)  # keep the entries built from true features
-        fed = n
+        if not looked_up:
+            rollback(dcache, n)  # keep the entries built from true features
+            fed = n
         seq, stop = cut_at_eos(seq, new, eos_token_id)
         if stop:
             break
