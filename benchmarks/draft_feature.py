@@ -120,6 +120,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", default="2,3,4,5")
     ap.add_argument("--draft-stop", type=float, default=0.0,
                     help="stop a round's drafting once a proposal's draft probability is below this")
+    ap.add_argument("--lookup", type=int, default=0,
+                    help="also measure the trained draft with prompt lookup: rounds whose last N..--lookup-min tokens "
+                         "occurred before propose what followed (0: off)")
+    ap.add_argument("--lookup-min", type=int, default=2)
+    ap.add_argument("--lookup-tokens", type=int, default=6)
+    ap.add_argument("--lookup-alone", default="",
+                    help="MAX:MIN:TOKENS: also measure prompt lookup with no draft model, and transformers' "
+                         "generate(prompt_lookup_num_tokens=TOKENS, max_matching_ngram_size=MAX) as its peer")
     ap.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                     help="how the models' linears run while measuring (auto: oneDNN, weights reordered once)")
     ap.add_argument("--train-threads", type=int, default=2)
@@ -149,6 +157,7 @@ def main(argv=None) -> int:
     from llmcompress.models import load
     from llmcompress.speculative.feature_draft import (FeatureDraft, cache_target_sequences,
                                                        feature_speculative_decode)
+    from llmcompress.speculative.lookup import LookupConfig
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
 
     if args.export and args.trained:
@@ -157,6 +166,13 @@ def main(argv=None) -> int:
         ap.error(f"--train-device {args.train_device} needs --export: speed is measured on this CPU")
     if args.trained and not (Path(args.trained) / "export.json").is_file():
         ap.error(f"--trained {args.trained}: no export.json there; give the folder that --export wrote")
+    try:
+        look = LookupConfig(max_ngram=args.lookup, min_ngram=args.lookup_min, tokens=args.lookup_tokens) \
+            if args.lookup else None
+        alone = LookupConfig(**dict(zip(("max_ngram", "min_ngram", "tokens"), map(int, args.lookup_alone.split(":"))))) \
+            if args.lookup_alone else None
+    except ValueError as e:
+        ap.error(f"--lookup/--lookup-alone: {e}".splitlines()[0] + " (--lookup-alone takes MAX:MIN:TOKENS, e.g. 3:1:6)")
     if args.smoke:
         args.train_prompts, args.chunk, args.train_new_tokens, args.steps = 8, 4, 16, 4
         args.eval_prompts, args.new_tokens, args.gammas = 2, 16, "2,3"
@@ -235,8 +251,20 @@ def main(argv=None) -> int:
         training["fixed_windows"], training["second_pieces"] = n_fixed, n_second
         draft.save(work / f"draft-{args.name}")
     data = "target+fixed" if n_fixed else "target"
-    results.append({"draft": f"{init} {args.divergence}/{data}/offline", "training": training,
-                    "eval": measure(draft)})
+    name = f"{init} {args.divergence}/{data}/offline"
+    results.append({"draft": name, "training": training, "eval": measure(draft)})
+    lookups = []  # (row, lookup) of the rows with looked-up proposals
+    if look:
+        results.append({"draft": f"{name} + lookup {look.min_ngram}-{look.max_ngram}/{look.tokens}",
+                        "training": training, "eval": measurer(args, target, prompts, ecfg.model_copy(
+                            update={"lookup": look}))(draft)})
+        lookups.append((results[-1], look))
+    if alone:
+        row = {"draft": f"prompt lookup {alone.min_ngram}-{alone.max_ngram}/{alone.tokens} alone", "training": None,
+               "eval": measurer(args, target, prompts, ecfg.model_copy(
+                   update={"lookup": alone, "compare_hf": True}))(None)}
+        results.append(row)
+        lookups.append((row, alone))
 
     wall = time.perf_counter() - t_all
     base = results[0]["eval"]
@@ -249,6 +277,15 @@ def main(argv=None) -> int:
              f"{len(prompts)} held-out prompts (\"Summarise: <document>\" chat prompts of {args.prompt_tokens} tokens "
              f"from the last 200 rows), {args.new_tokens} new tokens each, batch 1. Target alone: "
              f"{base['target_tok_s']:.1f} tok/s.\n"] + results_table(results, base, f" vocab {args.draft_vocab}")
+    for row, lk in lookups:
+        for g in row["eval"]["gammas"]:
+            lines.append("")
+            lines.append(f"{row['draft']}, gamma {g['gamma']}: {g['lookup_rounds']} of {g['target_calls']} rounds "
+                         f"looked up, {g['lookup_accepted']:,} of {g['lookup_proposed']:,} looked-up tokens kept"
+                         + (f"; transformers' prompt lookup (generate(prompt_lookup_num_tokens={lk.tokens}, "
+                            f"max_matching_ngram_size={lk.max_ngram})) on the same prompts: "
+                            f"{g['hf_measured_speedup']:.2f}x, identical {g['hf_identical_output']}"
+                            if "hf_measured_speedup" in g else ""))
     hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in training["acceptance"])
     ts = info["settings"] if args.trained else vars(args)
     lines += ["", f"Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens): {hist}", "",

@@ -114,6 +114,7 @@ def test_evaluate_lookup_alone_against_transformers(tiny_target):
     (row,) = r["gammas"]  # one row: lookup alone has no gamma of its own
     assert row["gamma"] == 3 and row["identical_output"] and row["hf_identical_output"]
     assert row["lookup_rounds"] > 0 and row["predicted_speedup"] is None and row["measured_speedup"] > 0
+    assert row["acceptance_by_position"] == []  # no draft model's rounds to count
     assert "prompt lookup" in r["protocol"]
     json.dumps(r)
     with pytest.raises(ValueError, match="nothing proposes"):
