@@ -68,7 +68,7 @@ class DecodeStats:
         if len(self.looked_up_per_call) == len(n):  # the draft model's rounds alone
             rounds = [(a, m) for a, m, lk in zip(n, d, self.looked_up_per_call) if not lk]
             n, d = [a for a, _ in rounds], [m for _, m in rounds]
-            if not any(d):  # no draft model's round at all (prompt lookup alone)
+            if self.lookup_rounds and not any(d):  # no draft model's round at all (prompt lookup alone)
                 return []
         out = []
         for k in range(self.gamma):
