@@ -124,11 +124,12 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 0 else p
 
 
-def verify(draft_tokens: list[int], q: torch.Tensor, p: torch.Tensor, greedy: bool,
+def verify(draft_tokens: list[int], q: torch.Tensor | None, p: torch.Tensor, greedy: bool,
            generator: torch.Generator | None = None) -> tuple[int, int]:
     """Accept a prefix of the draft and pick the next token.
 
-    draft_tokens: gamma tokens; q: [gamma, V] draft distributions they were drawn from; p: [gamma+1, V]
+    draft_tokens: gamma tokens; q: [gamma, V] draft distributions they were drawn from (greedy: unused, may be
+    None); p: [gamma+1, V]
     target distributions at the same positions plus one. -> (number accepted n, the token after them).
     """
     for i, x in enumerate(draft_tokens):
@@ -153,8 +154,8 @@ def verify_round(drafted: list[int], qs: list[torch.Tensor], qls: list[torch.Ten
     if k == 0:
         p = probs(pl[-1], temperature)
         n, nxt = 0, int(p.argmax()) if temperature == 0 else sample(p, generator)
-    else:
-        n, nxt = verify(drafted, torch.stack(qs), probs(pl, temperature), temperature == 0, generator)
+    else:  # greedy looked-up proposals come without q: greedy verification reads p alone
+        n, nxt = verify(drafted, torch.stack(qs) if qs else None, probs(pl, temperature), temperature == 0, generator)
     if looked_up:
         stats.lookup_rounds += 1
         stats.lookup_proposed += k
@@ -172,16 +173,17 @@ def verify_round(drafted: list[int], qs: list[torch.Tensor], qls: list[torch.Ten
     return n, nxt
 
 
-def look_up(history: list[int], lookup: LookupConfig | None, room: int, vocab: int, device
-            ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+def look_up(history: list[int], lookup: LookupConfig | None, room: int, vocab: int, device, temperature: float
+            ) -> tuple[list[int], list[torch.Tensor]]:
     """A proposal from the context (`lookup.lookup_proposal`), at most `room` tokens, as a draft whose
-    distribution is one-hot on each token. -> (tokens, q [V] each, its logits [V] each: 0 at the token, -inf
-    elsewhere); empty without `lookup` or a match"""
+    distribution is one-hot on each token. -> (tokens, q [V] each: only sampling reads q, so greedy gets none);
+    empty without `lookup` or a match"""
     if lookup is None or room < 1:
-        return [], [], []
+        return [], []
     toks = lookup_proposal(history, lookup.max_ngram, lookup.min_ngram, min(lookup.tokens, room))
-    qs = [torch.nn.functional.one_hot(torch.tensor(t, device=device), vocab).float() for t in toks]
-    return toks, qs, [q.log() for q in qs]
+    if temperature == 0:
+        return toks, []
+    return toks, [torch.nn.functional.one_hot(torch.tensor(t, device=device), vocab).float() for t in toks]
 
 
 def cut_at_eos(seq: torch.Tensor, new: list[int], eos_token_id: int | None) -> tuple[torch.Tensor, bool]:
@@ -276,8 +278,8 @@ def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
     history = seq[0].tolist()
     stats = DecodeStats(gamma=gamma)
     while seq.shape[1] < end:
-        drafted, qs, qls = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device)
-        looked_up, d_seq = bool(drafted), seq
+        drafted, qs = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device, temperature)
+        qls, looked_up, d_seq = [], bool(drafted), seq  # a looked-up round has no logits: alpha leaves it out
         for _ in range(gamma if draft is not None and not looked_up else 0):
             ql = feed(draft, d_seq, dcache)[-1]  # draft gamma tokens: q [V] each, ql the draft's logits
             q = probs(ql, temperature)

@@ -222,8 +222,8 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
     while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
                                       and seq.shape[1] > prompt.shape[1]):
         n = seq.shape[1] - 1  # index of the last token; feats covers 0..n-1
-        drafted, qs, qls = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device)
-        looked_up = bool(drafted)
+        drafted, qs = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device, temperature)
+        qls, looked_up = [], bool(drafted)  # a looked-up round has no logits: alpha leaves it out
         f_in, x_in = feats[fed:n][None], seq[:, fed + 1:n + 1]  # the true pairs the draft lacks
         for _ in range(0 if looked_up else gamma):
             h, ql = draft(f_in, x_in, dcache)
