@@ -187,7 +187,8 @@ def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str
             kept = " / ".join(f"{a:.2f}" for a in row.get("acceptance_by_position", [])) or "-"
             alone = r["eval"].get("draft_kind") == "none"  # prompt lookup alone: no draft model, no alpha or c
             alpha, c = ("-", "-") if alone else (f"{row['alpha']:.3f}", f"{r['eval']['cost_ratio_c']:.3f}")
-            lines.append(f"| {r['draft']}{suffix if not alone else ''} | {train_s} | {row['gamma']} | {alpha} | {kept} | "
+            name = r["draft"] + ("" if alone else suffix)
+            lines.append(f"| {name} | {train_s} | {row['gamma']} | {alpha} | {kept} | "
                          f"{row['tau']:.2f} | {row['tau'] / brow['tau']:.2f} | {c} | "
                          f"{_x(row['predicted_speedup'])} | {row['measured_speedup']:.2f}x | "
                          f"{row['identical_output']} |")

@@ -169,10 +169,12 @@ def main(argv=None) -> int:
     try:
         look = LookupConfig(max_ngram=args.lookup, min_ngram=args.lookup_min, tokens=args.lookup_tokens) \
             if args.lookup else None
-        alone = LookupConfig(**dict(zip(("max_ngram", "min_ngram", "tokens"), map(int, args.lookup_alone.split(":"))))) \
+        fields = ("max_ngram", "min_ngram", "tokens")
+        alone = LookupConfig(**dict(zip(fields, map(int, args.lookup_alone.split(":"))))) \
             if args.lookup_alone else None
-    except ValueError as e:
-        ap.error(f"--lookup/--lookup-alone: {e}".splitlines()[0] + " (--lookup-alone takes MAX:MIN:TOKENS, e.g. 3:1:6)")
+    except ValueError as e:  # a pydantic error (its first message) or a part that is not an integer
+        msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+        ap.error(f"--lookup/--lookup-alone: {msg} (--lookup-alone takes MAX:MIN:TOKENS, e.g. 3:1:6)")
     if args.smoke:
         args.train_prompts, args.chunk, args.train_new_tokens, args.steps = 8, 4, 16, 4
         args.eval_prompts, args.new_tokens, args.gammas = 2, 16, "2,3"

@@ -337,7 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new measurements after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernel_speed.py needs a CUDA GPU and none is available; nothing was measured.", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a CUDA GPU and none is available; nothing was measured.",
+              file=sys.stderr)
         return 2
     report = run(args)
     js, md = write_results(f"kernels-{gpu_slug(report['gpu'])}", report, markdown(report), args.out)

@@ -148,7 +148,8 @@ def eval_cmd(
     lookup: Annotated[int, typer.Option(help="propose tokens looked up in the context (prompt lookup) where its "
                                              "last N..--lookup-min tokens occurred before, the --draft elsewhere; "
                                              "without --draft, lookup alone (0: off)")] = 0,
-    lookup_min: Annotated[int, typer.Option(help="--lookup: the shortest n-gram that counts as a match")] = 2,
+    lookup_min: Annotated[int, typer.Option(help="--lookup: the shortest n-gram that counts as a match (at most "
+                                                 "--lookup)")] = 2,
     lookup_tokens: Annotated[int, typer.Option(help="--lookup: tokens proposed after a match")] = 6,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),

@@ -159,6 +159,9 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     if draft is not None and cfg.lookup is not None and cfg.compare_hf:
         raise ValueError("transformers runs a draft model or prompt lookup, not both; leave out compare_hf, or "
                          "measure the lookup alone (no draft) against its prompt lookup")
+    if draft is None and cfg.compare_hf and cfg.temperature > 0:
+        raise ValueError("the comparison with transformers' prompt lookup is greedy; leave out compare_hf, or set "
+                         "temperature 0")
     if is_feature_draft(draft) and cfg.compare_hf:
         raise ValueError("transformers' assisted generation cannot run a feature draft (it reads the target's "
                          "features); leave out compare_hf")

@@ -122,6 +122,9 @@ def test_evaluate_lookup_alone_against_transformers(tiny_target):
     with pytest.raises(ValueError, match="not both"):
         evaluate_speculative(tiny_target, keep_layers(tiny_target, [0]), [torch.tensor([PROMPTS[0]])],
                              cfg.model_copy(update={"compare_hf": True}))
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate_speculative(tiny_target, None, [torch.tensor([PROMPTS[0]])],
+                             cfg.model_copy(update={"temperature": 1.0}))
     with pytest.raises(ValueError, match="nothing proposes|draft model, a lookup"):
         speculative_decode(tiny_target, None, torch.tensor([PROMPTS[0]]), 4)
 
