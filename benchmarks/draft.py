@@ -175,15 +175,15 @@ def _x(v) -> str:
 
 
 def results_table(results: list[dict], base: dict, suffix: str = "") -> list[str]:
-    """Markdown rows (header included): one per draft and gamma, tau against the undistilled draft `base`'s;
-    `suffix` follows each draft's name."""
+    """Markdown rows (header included): one per draft and gamma, tau against the undistilled draft `base`'s (a
+    row's own "base", where it has one); `suffix` follows each draft's name."""
     lines = ["| draft | training | gamma | alpha | kept by position | tau | tau / undistilled | c | "
              "predicted speed-up | measured speed-up | identical |", "|---|---|--:|--:|---|--:|--:|--:|--:|--:|---|"]
     for r in results:
         t = r["training"]
         train_s = "-" if t is None else (f"{t['steps']} steps, {t['tokens']:,} tok, {t['seconds'] / 60:.1f} min"
                                          + (f" on {t['device']}" if t.get("device", "cpu") != "cpu" else ""))
-        for row, brow in zip(r["eval"]["gammas"], base["gammas"]):
+        for row, brow in zip(r["eval"]["gammas"], r.get("base", base)["gammas"]):
             kept = " / ".join(f"{a:.2f}" for a in row.get("acceptance_by_position", [])) or "-"
             alone = r["eval"].get("draft_kind") == "none"  # prompt lookup alone: no draft model, no alpha or c
             alpha, c = ("-", "-") if alone else (f"{row['alpha']:.3f}", f"{r['eval']['cost_ratio_c']:.3f}")

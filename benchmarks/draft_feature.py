@@ -128,6 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lookup-alone", default="",
                     help="MAX:MIN:TOKENS: also measure prompt lookup with no draft model, and transformers' "
                          "generate(prompt_lookup_num_tokens=TOKENS, max_matching_ngram_size=MAX) as its peer")
+    ap.add_argument("--tree", default="",
+                    help="TOPK:TOKENS: also measure tree verification (each round the draft grows a tree --gammas "
+                         "levels deep, TOPK children per expanded node, and the target verifies its TOKENS best nodes "
+                         "in one pass), for the undistilled and the trained draft, and with --lookup also beside it")
     ap.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                     help="how the models' linears run while measuring (auto: oneDNN, weights reordered once)")
     ap.add_argument("--train-threads", type=int, default=2)
@@ -158,6 +162,7 @@ def main(argv=None) -> int:
     from llmcompress.speculative.feature_draft import (FeatureDraft, cache_target_sequences,
                                                        feature_speculative_decode)
     from llmcompress.speculative.lookup import LookupConfig
+    from llmcompress.speculative.tree import TreeConfig
     from llmcompress.speculative.vocab import frequent_tokens, restrict_vocab, special_ids, token_counts
 
     if args.export and args.trained:
@@ -175,6 +180,14 @@ def main(argv=None) -> int:
     except ValueError as e:  # a pydantic error (its first message) or a part that is not an integer
         msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
         ap.error(f"--lookup/--lookup-alone: {msg} (--lookup-alone takes MAX:MIN:TOKENS, e.g. 3:1:6)")
+    try:
+        parts = args.tree.split(":") if args.tree else []
+        if parts and len(parts) != 2:
+            raise ValueError(f"{len(parts)} parts")
+        tree = TreeConfig(topk=int(parts[0]), tokens=int(parts[1])) if parts else None
+    except ValueError as e:
+        msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+        ap.error(f"--tree {args.tree}: {msg} (--tree takes TOPK:TOKENS, e.g. 4:16)")
     if args.smoke:
         args.train_prompts, args.chunk, args.train_new_tokens, args.steps = 8, 4, 16, 4
         args.eval_prompts, args.new_tokens, args.gammas = 2, 16, "2,3"
@@ -246,6 +259,10 @@ def main(argv=None) -> int:
               f"{training['seconds']:.0f} s on {training['device']}; written to {args.export}")
         return 0
     results = [{"draft": f"{init} undistilled", "training": None, "eval": measure(start)}]
+    tree_measure = measurer(args, target, prompts, ecfg.model_copy(update={"tree": tree})) if tree else None
+    tree_name = f" + tree {tree.topk}/{tree.tokens}" if tree else ""
+    if tree:  # the trained tree's tau is compared with the undistilled draft's tree
+        results.append({"draft": f"{init} undistilled{tree_name}", "training": None, "eval": tree_measure(start)})
     if args.trained:
         draft, training = trained, info["training"] | {"exported_as": "float16"}
     else:
@@ -255,11 +272,20 @@ def main(argv=None) -> int:
     data = "target+fixed" if n_fixed else "target"
     name = f"{init} {args.divergence}/{data}/offline"
     results.append({"draft": name, "training": training, "eval": measure(draft)})
+    if tree:
+        results.append({"draft": name + tree_name, "training": training, "eval": tree_measure(draft),
+                        "base": results[1]["eval"]})
     lookups = []  # (row, lookup) of the rows with looked-up proposals
     if look:
         results.append({"draft": f"{name} + lookup {look.min_ngram}-{look.max_ngram}/{look.tokens}",
                         "training": training, "eval": measurer(args, target, prompts, ecfg.model_copy(
                             update={"lookup": look}))(draft)})
+        lookups.append((results[-1], look))
+    if look and tree:
+        results.append({"draft": f"{name}{tree_name} + lookup {look.min_ngram}-{look.max_ngram}/{look.tokens}",
+                        "training": training, "base": results[1]["eval"],
+                        "eval": measurer(args, target, prompts, ecfg.model_copy(
+                            update={"lookup": look, "tree": tree}))(draft)})
         lookups.append((results[-1], look))
     if alone:
         row = {"draft": f"prompt lookup {alone.min_ngram}-{alone.max_ngram}/{alone.tokens} alone", "training": None,
@@ -283,7 +309,8 @@ def main(argv=None) -> int:
         for g in row["eval"]["gammas"]:
             lines.append("")
             lines.append(f"{row['draft']}, gamma {g['gamma']}: {g['lookup_rounds']} of {g['target_calls']} rounds "
-                         f"looked up, {g['lookup_accepted']:,} of {g['lookup_proposed']:,} looked-up tokens kept"
+                         + ("with a looked-up chain in the tree, " if row["eval"].get("tree") else "looked up, ")
+                         + f"{g['lookup_accepted']:,} of {g['lookup_proposed']:,} looked-up tokens kept"
                          + (f"; transformers' prompt lookup (generate(prompt_lookup_num_tokens={lk.tokens}, "
                             f"max_matching_ngram_size={lk.max_ngram})) on the same prompts: "
                             f"{g['hf_measured_speedup']:.2f}x, identical {g['hf_identical_output']}"
@@ -291,7 +318,9 @@ def main(argv=None) -> int:
     hist = ", ".join(f"{e['step']}: {e['alpha']:.2f}" for e in training["acceptance"])
     ts = info["settings"] if args.trained else vars(args)
     lines += ["", f"Acceptance during training (alpha at gamma 3 on 4 held-out prompts, 48 tokens): {hist}", "",
-              f"- protocol: {base['protocol']}",
+              f"- protocol: {base['protocol']}"] + (
+                 [f"- tree rows: {results[1]['eval']['protocol'].split('; tree verification: ')[1]}"] if tree else []
+             ) + [
               f"- draft: fc([f_t ; e(x_t+1)]) (balanced scaled identities at start) -> a copy of the target's last "
               f"{args.layers} layer(s) -> the target's final norm -> the target's LM head over the {args.draft_vocab} "
               "ids most frequent in the training continuations (plus special tokens); the target's true features "

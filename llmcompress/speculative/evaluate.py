@@ -21,6 +21,7 @@ from llmcompress.speculative import metrics
 from llmcompress.speculative.decode import (DecodeStats, feed, hf_assisted_decode, hf_prompt_lookup_decode, prefill,
                                             speculative_decode, target_decode)
 from llmcompress.speculative.lookup import LookupConfig
+from llmcompress.speculative.tree import TreeConfig
 
 
 class SpecEvalConfig(BaseModel):
@@ -43,6 +44,8 @@ class SpecEvalConfig(BaseModel):
                                   "(F.linear, MKL), auto (onednn where it runs)")
     lookup: LookupConfig | None = Field(None, description="propose tokens looked up in the context where it holds "
                                         "a match (prompt lookup), the draft model elsewhere; lossless either way")
+    tree: TreeConfig | None = Field(None, description="a feature draft grows a tree per round, gamma levels deep, "
+                                    "and the target verifies its best `tokens` nodes in one pass (greedy only)")
 
     @field_validator("gammas")
     @classmethod
@@ -162,6 +165,12 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
     if draft is None and cfg.compare_hf and cfg.temperature > 0:
         raise ValueError("the comparison with transformers' prompt lookup is greedy; leave out compare_hf, or set "
                          "temperature 0")
+    if cfg.tree is not None and not is_feature_draft(draft):
+        raise ValueError("tree verification grows a feature draft's tree; give a feature draft (feature:K), or leave "
+                         "out tree")
+    if cfg.tree is not None and cfg.temperature > 0:
+        raise ValueError("tree verification is greedy (sampling from a tree needs multi-draft rejection); set "
+                         "temperature 0, or leave out tree")
     if is_feature_draft(draft) and cfg.compare_hf:
         raise ValueError("transformers' assisted generation cannot run a feature draft (it reads the target's "
                          "features); leave out compare_hf")
@@ -176,9 +185,15 @@ def evaluate_speculative(target, draft, prompts: list[torch.Tensor], cfg: SpecEv
 def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
               progress: Callable[[str, int, int], None] | None) -> dict:
     from llmcompress.speculative.feature_draft import feature_speculative_decode, is_feature_draft
+    from llmcompress.speculative.tree import feature_tree_decode
 
     feature = is_feature_draft(draft)
-    decode = feature_speculative_decode if feature else speculative_decode
+
+    def tree_decode(target, draft, prompt, new_tokens, gamma, temperature=0.0, generator=None, eos=None, stop=0.0,
+                    lookup=None):  # greedy: temperature and generator are unused
+        return feature_tree_decode(target, draft, prompt, new_tokens, gamma, cfg.tree, eos, stop, lookup)
+
+    decode = tree_decode if cfg.tree is not None else feature_speculative_decode if feature else speculative_decode
     target.eval()
     if draft is not None:
         draft.eval()
@@ -221,10 +236,12 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
     greedy = cfg.temperature == 0  # sampling: outputs agree in law only, not token for token
     for gamma, r in spec.items():
         alpha = min(max(r["stats"].alpha, 0.0), 1.0)
+        tree = cfg.tree is not None  # Leviathan's formulas model a chain: a tree's prediction reads its measured tau
         rows.append(r["stats"].as_dict() | {
-            # Leviathan's formulas model a draft model's rounds; lookup alone has none
-            "expected_tau": metrics.expected_tokens(alpha, gamma) if draft is not None else None,
-            "predicted_speedup": metrics.speedup(alpha, gamma, c) if draft is not None else None,
+            # ... and a draft model's rounds; lookup alone has none
+            "expected_tau": metrics.expected_tokens(alpha, gamma) if draft is not None and not tree else None,
+            "predicted_speedup": (r["stats"].tau / (gamma * c + 1) if tree else metrics.speedup(alpha, gamma, c))
+            if draft is not None else None,
             "measured_speedup": base_time / r["seconds"],
             "seconds": r["seconds"],
             "identical_output": r["identical"] if greedy else None,
@@ -240,6 +257,7 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
         "draft_vocab": int(head.weight.shape[0]) if head is not None else 0,
         "target_layers": len(target.model.layers),
         "lookup": cfg.lookup.model_dump() if cfg.lookup else None,
+        "tree": cfg.tree.model_dump() if cfg.tree else None,
         "prompts": len(prompts),
         "new_tokens_per_prompt": cfg.new_tokens,
         "temperature": cfg.temperature,
@@ -262,7 +280,13 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                      + (f"; a round whose last {cfg.lookup.min_ngram}-{cfg.lookup.max_ngram} tokens occurred earlier "
                         f"in the sequence proposes the up to {cfg.lookup.tokens} tokens that followed the latest "
                         "occurrence instead (prompt lookup; alpha, c and kept by position are the draft model's "
-                        "rounds alone, tau counts every round)" if cfg.lookup else "")),
+                        "rounds alone, tau counts every round)" if cfg.lookup else "")
+                     + (f"; tree verification: each round the draft grows a tree gamma levels deep (the "
+                        f"{cfg.tree.topk} best children of the {cfg.tree.topk} best-scored nodes per level), the target verifies its "
+                        f"{cfg.tree.tokens} best-scored nodes in one tree-masked pass (alpha: the draft's top-1 "
+                        "agreement at the root and the accepted path's expanded nodes; drafting stops early once no "
+                        "frontier path's draft probability reaches the draft stop; predicted speed-up = tau / "
+                        "(gamma c + 1))" if cfg.tree else "")),
     }
 
 
