@@ -129,9 +129,10 @@ def main(argv=None) -> int:
                     help="MAX:MIN:TOKENS: also measure prompt lookup with no draft model, and transformers' "
                          "generate(prompt_lookup_num_tokens=TOKENS, max_matching_ngram_size=MAX) as its peer")
     ap.add_argument("--tree", default="",
-                    help="TOPK:TOKENS: also measure tree verification (each round the draft grows a tree --gammas "
-                         "levels deep, TOPK children per expanded node, and the target verifies its TOKENS best nodes "
-                         "in one pass), for the undistilled and the trained draft, and with --lookup also beside it")
+                    help="TOPK:TOKENS[:STOP]: also measure tree verification (each round the draft grows a tree "
+                         "--gammas levels deep, TOPK children per expanded node, stopping once no path's draft "
+                         "probability reaches STOP, and the target verifies its TOKENS best nodes in one pass), for "
+                         "the undistilled and the trained draft, and with --lookup also beside it")
     ap.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                     help="how the models' linears run while measuring (auto: oneDNN, weights reordered once)")
     ap.add_argument("--train-threads", type=int, default=2)
@@ -182,12 +183,13 @@ def main(argv=None) -> int:
         ap.error(f"--lookup/--lookup-alone: {msg} (--lookup-alone takes MAX:MIN:TOKENS, e.g. 3:1:6)")
     try:
         parts = args.tree.split(":") if args.tree else []
-        if parts and len(parts) != 2:
+        if parts and len(parts) not in (2, 3):
             raise ValueError(f"{len(parts)} parts")
-        tree = TreeConfig(topk=int(parts[0]), tokens=int(parts[1])) if parts else None
+        tree = TreeConfig(topk=int(parts[0]), tokens=int(parts[1]), stop=float(parts[2]) if len(parts) == 3 else 0) \
+            if parts else None
     except ValueError as e:
         msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
-        ap.error(f"--tree {args.tree}: {msg} (--tree takes TOPK:TOKENS, e.g. 4:16)")
+        ap.error(f"--tree {args.tree}: {msg} (--tree takes TOPK:TOKENS[:STOP], e.g. 3:8:0.2)")
     if args.smoke:
         args.train_prompts, args.chunk, args.train_new_tokens, args.steps = 8, 4, 16, 4
         args.eval_prompts, args.new_tokens, args.gammas = 2, 16, "2,3"
@@ -260,7 +262,8 @@ def main(argv=None) -> int:
         return 0
     results = [{"draft": f"{init} undistilled", "training": None, "eval": measure(start)}]
     tree_measure = measurer(args, target, prompts, ecfg.model_copy(update={"tree": tree})) if tree else None
-    tree_name = f" + tree {tree.topk}/{tree.tokens}" if tree else ""
+    tree_name = f" + tree {tree.topk}/{tree.tokens}" + (f" stop {tree.stop}" if tree and tree.stop else "") \
+        if tree else ""
     if tree:  # the trained tree's tau is compared with the undistilled draft's tree
         results.append({"draft": f"{init} undistilled{tree_name}", "training": None, "eval": tree_measure(start)})
     if args.trained:

@@ -151,6 +151,13 @@ def eval_cmd(
     lookup_min: Annotated[int, typer.Option(help="--lookup: the shortest n-gram that counts as a match (at most "
                                                  "--lookup)")] = 2,
     lookup_tokens: Annotated[int, typer.Option(help="--lookup: tokens proposed after a match")] = 6,
+    tree_topk: Annotated[int, typer.Option(help="--draft feature:K: grow a tree per round, gamma levels deep, with "
+                                                "this many children per expanded node, verified in one target pass "
+                                                "(greedy; 0: a chain)")] = 0,
+    tree_tokens: Annotated[int, typer.Option(help="--tree-topk: draft tokens the target verifies per round (the "
+                                                  "best-scored subtree)")] = 8,
+    tree_stop: Annotated[float, typer.Option(help="--tree-topk: stop growing the tree once no frontier path's draft "
+                                                  "probability reaches this (0: the full gamma levels)")] = 0.0,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --report file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -165,6 +172,7 @@ def eval_cmd(
         from llmcompress.pipeline.run import DTYPES
         from llmcompress.speculative.evaluate import SpecEvalConfig, evaluate_draft, parse_gammas
         from llmcompress.speculative.lookup import LookupConfig
+        from llmcompress.speculative.tree import TreeConfig
 
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -175,8 +183,15 @@ def eval_cmd(
             raise UserError(f"--lookup {lookup}: give the longest n-gram to match (e.g. 3), or 0 for no lookup")
         look = LookupConfig(max_ngram=lookup, min_ngram=min(lookup_min, lookup), tokens=lookup_tokens) if lookup \
             else None
+        if tree_topk < 0:
+            raise UserError(f"--tree-topk {tree_topk}: give the children per expanded node (e.g. 3), or 0 for a chain")
+        if tree_topk and not (draft or "").startswith("feature:") and not _holds_feature_draft(draft):
+            raise UserError("--tree-topk grows a feature draft's tree: give --draft feature:K or a trained feature "
+                            "draft's folder, or leave out --tree-topk")
+        tree = TreeConfig(topk=tree_topk, tokens=tree_tokens, stop=tree_stop) if tree_topk else None
         spec_cfg = SpecEvalConfig(gammas=parse_gammas(gammas), prompts=spec_prompts, new_tokens=spec_new_tokens,
-                                  draft_vocab=draft_vocab, draft_stop=draft_stop, cpu_linear=cpu_linear, lookup=look)
+                                  draft_vocab=draft_vocab, draft_stop=draft_stop, cpu_linear=cpu_linear, lookup=look,
+                                  tree=tree)
         graph = load(model, dtype=DTYPES[dtype], device=device)
         spec = bool(draft or look)
         heldout = None
@@ -193,6 +208,12 @@ def eval_cmd(
         if report is not None:
             _write_json_atomic(report, result)
             console.print(f"report written to {report}")
+
+
+def _holds_feature_draft(path: str | None) -> bool:
+    from llmcompress.speculative.feature_draft import FEATURE_FILE
+
+    return path is not None and (Path(path) / FEATURE_FILE).is_file()
 
 
 def _render_eval(r: dict) -> None:
@@ -228,7 +249,9 @@ def _render_speculative(s: dict) -> None:
         title = f"speculative decoding: {by} alone"
     else:
         title = (f"speculative decoding: draft {s['draft']} ({s['draft_layers']} of {s['target_layers']} layers, "
-                 f"head over {s['draft_vocab']:,} ids){' + ' + by if look else ''}, c = {s['cost_ratio_c']:.3f}")
+                 f"head over {s['draft_vocab']:,} ids){' + ' + by if look else ''}"
+                 + (f", tree of top-{s['tree']['topk']} children, {s['tree']['tokens']} verified per round (gamma: its "
+                    "depth)" if s.get("tree") else "") + f", c = {s['cost_ratio_c']:.3f}")
     table = Table(title=title, title_justify="left")
     cols = ("gamma", "alpha", "tau", "accepted", "kept by position") if s["draft"] is not None else ("tokens", "tau")
     cols += ("looked up (kept / proposed)",) if look else ()

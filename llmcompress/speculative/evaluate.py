@@ -190,8 +190,8 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
     feature = is_feature_draft(draft)
 
     def tree_decode(target, draft, prompt, new_tokens, gamma, temperature=0.0, generator=None, eos=None, stop=0.0,
-                    lookup=None):  # greedy: temperature and generator are unused
-        return feature_tree_decode(target, draft, prompt, new_tokens, gamma, cfg.tree, eos, stop, lookup)
+                    lookup=None):  # greedy: temperature and generator are unused; the tree has its own stop
+        return feature_tree_decode(target, draft, prompt, new_tokens, gamma, cfg.tree, eos, lookup)
 
     decode = tree_decode if cfg.tree is not None else feature_speculative_decode if feature else speculative_decode
     target.eval()
@@ -284,9 +284,9 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                      + (f"; tree verification: each round the draft grows a tree gamma levels deep (the "
                         f"{cfg.tree.topk} best children of the {cfg.tree.topk} best-scored nodes per level), the target verifies its "
                         f"{cfg.tree.tokens} best-scored nodes in one tree-masked pass (alpha: the draft's top-1 "
-                        "agreement at the root and the accepted path's expanded nodes; drafting stops early once no "
-                        "frontier path's draft probability reaches the draft stop; predicted speed-up = tau / "
-                        "(gamma c + 1))" if cfg.tree else "")),
+                        "agreement at the root and the accepted path's expanded nodes; "
+                        + (f"the tree stops growing once no frontier path's draft probability reaches {cfg.tree.stop}; "
+                           if cfg.tree.stop else "") + "predicted speed-up = tau / (gamma c + 1))" if cfg.tree else "")),
     }
 
 

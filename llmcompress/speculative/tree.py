@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache
 
 from llmcompress.speculative.decode import DecodeStats, _check_prompt, _vocab, cache_len, cut_at_eos, look_up, rollback
-from llmcompress.speculative.divergences import acceptance
 from llmcompress.speculative.lookup import LookupConfig
 
 
@@ -40,8 +39,10 @@ class TreeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     topk: int = Field(4, ge=1, le=32, description="children proposed per expanded node, and nodes expanded per depth")
-    tokens: int = Field(16, ge=1, le=256, description="draft tokens the target verifies per round (the best-scored "
-                        "subtree)")
+    tokens: int = Field(8, ge=1, le=256, description="draft tokens the target verifies per round (the best-scored "
+                        "subtree; on a CPU the verifying pass grows dearer beyond about 8)")
+    stop: float = Field(0.0, ge=0, lt=1, description="stop growing the tree once no frontier node's path probability "
+                        "under the draft reaches this (0: always the full depth)")
 
 
 # ----------------------------------------------------------------------------- pure tree steps
@@ -115,9 +116,11 @@ def keep_entries(cache: DynamicCache, base: int, keep: list[int]) -> None:
         rollback(cache, base + len(keep))
         return
     idx = torch.tensor(keep, device=cache.layers[0].keys.device) + base
-    for layer in cache.layers:
-        layer.keys = torch.cat([layer.keys[..., :base, :], layer.keys.index_select(-2, idx)], -2)
-        layer.values = torch.cat([layer.values[..., :base, :], layer.values.index_select(-2, idx)], -2)
+    for layer in cache.layers:  # move the kept entries forward in place (keep ascending: no entry is overwritten
+        # before it is read, index_select copying first), then drop the rest
+        layer.keys[..., base:base + len(keep), :] = layer.keys.index_select(-2, idx)
+        layer.values[..., base:base + len(keep), :] = layer.values.index_select(-2, idx)
+    rollback(cache, base + len(keep))
 
 
 def _tree_block(past: int, anc: torch.Tensor) -> torch.Tensor:
@@ -153,6 +156,7 @@ def target_tree_pass(target, root: int, tokens: list[int], parents: list[int], c
 
 
 # ----------------------------------------------------------------------------- drafting
+@torch.no_grad()
 def draft_tree(draft, f_in: torch.Tensor, x_in: torch.Tensor, dcache: DynamicCache, depth: int, topk: int,
                stop_below: float = 0.0) -> dict:
     """Grow the draft's tree for one round. f_in [1, S, D], x_in [1, S]: the true pairs the draft cache lacks
@@ -178,11 +182,11 @@ def draft_tree(draft, f_in: torch.Tensor, x_in: torch.Tensor, dcache: DynamicCac
         f = torch.stack([feats[i] for i in frontier])[None]  # [1, S, D]
         h, logits = draft(f, x_in.new_tensor([[tokens[i] for i in frontier]]), dcache, pos, mask)
         fed += frontier
+        top = torch.log_softmax(logits[0].float(), -1).topk(topk, -1)  # [S, topk] per frontier node
         level = []
-        for s, u in enumerate(frontier):
+        for s, (u, ids, lps) in enumerate(zip(frontier, top.indices.tolist(), top.values.tolist())):
             node_logits[u] = logits[0, s]
-            top = torch.log_softmax(logits[0, s].float(), -1).topk(topk)
-            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+            for t, v in zip(ids, lps):
                 tokens.append(t)
                 parents.append(u)
                 scores.append(scores[u] + v)
@@ -195,7 +199,7 @@ def draft_tree(draft, f_in: torch.Tensor, x_in: torch.Tensor, dcache: DynamicCac
 # ----------------------------------------------------------------------------- decoding
 @torch.no_grad()
 def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int, depth: int = 4,
-                        tree: TreeConfig | None = None, eos_token_id: int | None = None, stop_below: float = 0.0,
+                        tree: TreeConfig | None = None, eos_token_id: int | None = None,
                         lookup: LookupConfig | None = None) -> tuple[torch.Tensor, DecodeStats]:
     """Greedy speculative decoding with a feature draft's tree of up to `depth` levels per round (module doc).
     prompt: [1, P] -> ([1, P + new], stats). Stats: drafted counts the verified nodes, accepted the path;
@@ -225,15 +229,16 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
     while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
                                       and seq.shape[1] > prompt.shape[1]):
         n = seq.shape[1] - 1  # index of the last token (the root); feats covers 0..n-1, tcache holds n entries
-        g = draft_tree(draft, feats[fed:n][None], seq[:, fed + 1:n + 1], dcache, depth, tree.topk, stop_below)
+        g = draft_tree(draft, feats[fed:n][None], seq[:, fed + 1:n + 1], dcache, depth, tree.topk, tree.stop)
         keep = select_subtree(g["scores"], g["parents"], tree.tokens)
         tokens, parents = [g["tokens"][i] for i in keep], reindex(keep, g["parents"])
         logits = {j: g["logits"][i] for j, i in enumerate(keep) if i in g["logits"]} | {-1: g["logits"][-1]}
         looked, _ = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device, 0.0)
         chain = merge_chain(tokens, parents, looked) if looked else []
         fv, pl = target_tree_pass(target, int(seq[0, -1]), tokens, parents, tcache)  # [1 + N, D], [1 + N, V]
-        path, nxt = greedy_walk(tokens, parents, pl.argmax(-1).tolist())
-        _count(stats, pl, logits, path, len(tokens), max(depths(parents), default=0), looked, chain)
+        argmax = pl.argmax(-1).tolist()
+        path, nxt = greedy_walk(tokens, parents, argmax)
+        _count(stats, argmax, logits, path, len(tokens), max(depths(parents), default=0), looked, chain)
         new = [tokens[i] for i in path] + [nxt]
         keep_entries(tcache, n, [0] + [i + 1 for i in path])
         feats = torch.cat([feats, fv[[0] + [i + 1 for i in path]]])
@@ -249,17 +254,19 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
     return seq, stats
 
 
-def _count(stats: DecodeStats, pl: torch.Tensor, draft_logits: dict, path: list[int], n_nodes: int, deepest: int,
+def _count(stats: DecodeStats, argmax: list[int], draft_logits: dict, path: list[int], n_nodes: int, deepest: int,
            looked: list[int], chain: list[int]) -> None:
-    """One tree round into `stats`. alpha's integrand (argmax agreement) at the root and each path node, up to the
-    first disagreement, where the draft expanded that node."""
-    at = [-1] + path
-    rows = [(i + 1, draft_logits[i]) for i in at if i in draft_logits]
-    rows = rows[: next((k + 1 for k, (r, q) in enumerate(rows) if int(pl[r].argmax()) != int(q.argmax())),
-                       len(rows))]
-    if rows:
-        stats.overlap_sum += float(acceptance(pl[[r for r, _ in rows]], torch.stack([q for _, q in rows]), 0).sum())
-        stats.overlap_count += len(rows)
+    """One tree round into `stats` (argmax: the target's after the root and each node). alpha's integrand, the
+    draft's top-1 agreement with the target, at the root and each path node up to the first disagreement, where
+    the draft expanded that node."""
+    for i in [-1] + path:
+        if i not in draft_logits:
+            break
+        agree = int(draft_logits[i].argmax()) == argmax[i + 1]
+        stats.overlap_sum += float(agree)
+        stats.overlap_count += 1
+        if not agree:
+            break
     stats.drafted += n_nodes
     stats.accepted += len(path)
     if looked:
