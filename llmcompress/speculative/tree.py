@@ -1,8 +1,9 @@
 """Tree verification for a feature draft (EAGLE-2, Li et al. 2024; SpecInfer's tree attention), greedy.
 
 A chain of gamma proposals is lost at its first miss. A weak draft often ranks the target's token second or
-third, and on a CPU (or any device where a decode step is bound by reading the weights) the target scores
-16 tokens for about the price of one. So each round the draft grows a tree instead of a chain:
+third, and where a decode step is bound by reading the weights the target scores several tokens for little
+more than the price of one (SmolLM2 on 2 CPU cores through oneDNN: 9 tokens for about 1.1 decode steps, 17 for
+about 1.4). So each round the draft grows a tree instead of a chain:
 
 - depth 1: the `topk` best next tokens after the last accepted one;
 - each further depth: the `topk` nodes of the previous depth with the highest path score (the sum of the
