@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     try:
         parts = args.tree.split(":") if args.tree else []
         if parts and len(parts) not in (2, 3):
-            raise ValueError(f"{len(parts)} parts")
+            raise ValueError(f"{len(parts)} part(s) where 2 or 3 belong")
         tree = TreeConfig(topk=int(parts[0]), tokens=int(parts[1]), stop=float(parts[2]) if len(parts) == 3 else 0) \
             if parts else None
     except ValueError as e:
@@ -262,8 +262,7 @@ def main(argv=None) -> int:
         return 0
     results = [{"draft": f"{init} undistilled", "training": None, "eval": measure(start)}]
     tree_measure = measurer(args, target, prompts, ecfg.model_copy(update={"tree": tree})) if tree else None
-    tree_name = f" + tree {tree.topk}/{tree.tokens}" + (f" stop {tree.stop}" if tree and tree.stop else "") \
-        if tree else ""
+    tree_name = (f" + tree {tree.topk}/{tree.tokens}" + (f" stop {tree.stop}" if tree.stop else "")) if tree else ""
     if tree:  # the trained tree's tau is compared with the undistilled draft's tree
         results.append({"draft": f"{init} undistilled{tree_name}", "training": None, "eval": tree_measure(start)})
     if args.trained:

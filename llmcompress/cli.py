@@ -185,6 +185,10 @@ def eval_cmd(
             else None
         if tree_topk < 0:
             raise UserError(f"--tree-topk {tree_topk}: give the children per expanded node (e.g. 3), or 0 for a chain")
+        if tree_topk and tree_tokens < 1:
+            raise UserError(f"--tree-tokens {tree_tokens}: give the tokens verified per round, at least 1 (e.g. 8)")
+        if tree_topk and not 0 <= tree_stop < 1:
+            raise UserError(f"--tree-stop {tree_stop}: give a path probability in [0, 1) (e.g. 0.2), or 0 for none")
         if tree_topk and not (draft or "").startswith("feature:") and not _holds_feature_draft(draft):
             raise UserError("--tree-topk grows a feature draft's tree: give --draft feature:K or a trained feature "
                             "draft's folder, or leave out --tree-topk")

@@ -234,6 +234,8 @@ def test_cli_eval_tree(tiny_hf_dir, corpus_file, tmp_path):
     assert spec["tree"] == {"topk": 2, "tokens": 4, "stop": 0.1} and spec["gammas"][0]["identical_output"]
     assert "top-2" in r.output, r.output
     for bad, hint in ((["--draft", "layers:2", "--tree-topk", "2"], "feature draft"),
-                      (["--draft", "feature:1", "--tree-topk", "-1"], "--tree-topk")):
+                      (["--draft", "feature:1", "--tree-topk", "-1"], "--tree-topk"),
+                      (["--draft", "feature:1", "--tree-topk", "2", "--tree-tokens", "0"], "--tree-tokens"),
+                      (["--draft", "feature:1", "--tree-topk", "2", "--tree-stop", "1"], "--tree-stop")):
         r = runner.invoke(app, base + bad)
         assert r.exit_code == 2 and r.output.startswith("error:") and hint in r.output, r.output
