@@ -110,7 +110,7 @@ def test_realised_blocks_and_sequential_correction(tiny):
 
 def test_family_meets_every_budget_of_the_table(tiny):
     from llmcompress.hardware.cost_model import CostModel
-    from llmcompress.hardware.profile import profile
+    from llmcompress.hardware.profile import Timing, profile
 
     g, tokens = tiny
     table = profile(g, batches=[1], prompt_len=16, gen_len=4, repeats=1, warmup=0, working_set_mb=0.5)
@@ -179,10 +179,16 @@ def test_spd_solve_is_exact_and_does_not_hang_with_two_threads():
 def test_refinement_keeps_the_round_measured_closest_to_the_target(tiny, monkeypatch):
     import llmcompress.prune.ziplm_family as family
     from llmcompress.hardware.cost_model import CostModel
-    from llmcompress.hardware.profile import profile
+    from llmcompress.hardware.profile import Timing, profile
 
     g, tokens = tiny
-    cm = CostModel(profile(g, batches=[1], prompt_len=16, gen_len=4, repeats=1, warmup=0, working_set_mb=0.5))
+    table = profile(g, batches=[1], prompt_len=16, gen_len=4, repeats=1, warmup=0, working_set_mb=0.5)
+    for e in table.entries.values():  # times proportional to bytes: the search's choices must not hang on this
+        for sweep in (e.prefill, e.decode):  # machine's load (a busy CPU once made both rounds choose alike)
+            for b in sweep:
+                ms = 0.01 + 1e-6 * e.param_bytes
+                sweep[b] = Timing(median_ms=ms, min_ms=ms, max_ms=ms, samples=1)
+    cm = CostModel(table)
     db = build_database(g, tokens)
     timings = iter([1.382, 1.068])  # a noisy first timing sends the rescaled search further off (seen on a VM)
     monkeypatch.setattr(family, "measured_speedup", lambda *a, **k: {"speedup": next(timings), "reference_ms": 1.0})
