@@ -110,7 +110,7 @@ def test_realised_blocks_and_sequential_correction(tiny):
 
 def test_family_meets_every_budget_of_the_table(tiny):
     from llmcompress.hardware.cost_model import CostModel
-    from llmcompress.hardware.profile import Timing, profile
+    from llmcompress.hardware.profile import profile
 
     g, tokens = tiny
     table = profile(g, batches=[1], prompt_len=16, gen_len=4, repeats=1, warmup=0, working_set_mb=0.5)
