@@ -186,6 +186,29 @@ def is_feature_draft(draft) -> bool:
     return isinstance(draft, FeatureDraft)
 
 
+def start_features(target, seq: torch.Tensor, tcache: DynamicCache, stats: DecodeStats, temperature: float = 0.0,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Begin a feature-draft decode of `seq` [1, P]: the target's features of every token but the last, the
+    target cache holding them. A one-token prompt has no feature yet, so the target first takes one plain step
+    (counted into `stats`). -> (seq, feats [len - 1, D])"""
+    if seq.shape[1] > 1:
+        return seq, target_features(target, seq[:, :-1], tcache)[0]  # [P - 1, D]
+    f, pl = target_forward(target, seq, tcache)
+    p = probs(pl[0, -1], temperature)
+    tok = int(p.argmax()) if temperature == 0 else sample(p, generator)
+    stats.target_calls += 1
+    stats.accepted_per_call.append(0)
+    stats.drafted_per_call.append(0)
+    stats.looked_up_per_call.append(False)
+    return torch.cat([seq, seq.new_tensor([[tok]])], 1), f[0]
+
+
+def decoding(seq: torch.Tensor, prompt_len: int, end: int, eos_token_id: int | None) -> bool:
+    """Whether decoding goes on: `seq` [1, L] is shorter than `end` and its last new token is not EOS."""
+    return seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
+                                       and seq.shape[1] > prompt_len)
+
+
 # ----------------------------------------------------------------------------- decoding
 @torch.no_grad()
 def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor, max_new_tokens: int,
@@ -206,21 +229,9 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
     end = seq.shape[1] + max_new_tokens
     tcache, dcache = DynamicCache(), DynamicCache()
     stats = DecodeStats(gamma=gamma)
-    if seq.shape[1] == 1:  # no feature yet: one plain target step
-        f, pl = target_forward(target, seq, tcache)
-        p = probs(pl[0, -1], temperature)
-        tok = int(p.argmax()) if greedy else sample(p, generator)
-        seq = torch.cat([seq, seq.new_tensor([[tok]])], 1)
-        feats = f[0]
-        stats.target_calls += 1
-        stats.accepted_per_call.append(0)
-        stats.drafted_per_call.append(0)
-        stats.looked_up_per_call.append(False)
-    else:
-        feats = target_features(target, seq[:, :-1], tcache)[0]  # [P - 1, D]
+    seq, feats = start_features(target, seq, tcache, stats, temperature, generator)
     fed, history = 0, seq[0].tolist()
-    while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
-                                      and seq.shape[1] > prompt.shape[1]):
+    while decoding(seq, prompt.shape[1], end, eos_token_id):
         n = seq.shape[1] - 1  # index of the last token; feats covers 0..n-1
         drafted, qs = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device, temperature)
         qls, looked_up = [], bool(drafted)  # a looked-up round has no logits: alpha leaves it out

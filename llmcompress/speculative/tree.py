@@ -205,7 +205,7 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
     """Greedy speculative decoding with a feature draft's tree of up to `depth` levels per round (module doc).
     prompt: [1, P] -> ([1, P + new], stats). Stats: drafted counts the verified nodes, accepted the path;
     alpha the draft's top-1 agreement at the root and the path's nodes it expanded."""
-    from llmcompress.speculative.feature_draft import _logits, target_features
+    from llmcompress.speculative.feature_draft import decoding, start_features
 
     _check_prompt(prompt)
     if depth < 1:
@@ -215,20 +215,9 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
     end = seq.shape[1] + max_new_tokens
     tcache, dcache = DynamicCache(), DynamicCache()
     stats = DecodeStats(gamma=depth)
-    if seq.shape[1] == 1:  # no feature yet: one plain target step
-        f = target_features(target, seq, tcache)
-        tok = int(_logits(target, f)[0, -1].argmax())
-        seq = torch.cat([seq, seq.new_tensor([[tok]])], 1)
-        feats = f[0]
-        stats.target_calls += 1
-        stats.accepted_per_call.append(0)
-        stats.drafted_per_call.append(0)
-        stats.looked_up_per_call.append(False)
-    else:
-        feats = target_features(target, seq[:, :-1], tcache)[0]  # [P - 1, D]
+    seq, feats = start_features(target, seq, tcache, stats)
     fed, history = 0, seq[0].tolist()
-    while seq.shape[1] < end and not (eos_token_id is not None and int(seq[0, -1]) == eos_token_id
-                                      and seq.shape[1] > prompt.shape[1]):
+    while decoding(seq, prompt.shape[1], end, eos_token_id):
         n = seq.shape[1] - 1  # index of the last token (the root); feats covers 0..n-1, tcache holds n entries
         g = draft_tree(draft, feats[fed:n][None], seq[:, fed + 1:n + 1], dcache, depth, tree.topk, tree.stop)
         keep = select_subtree(g["scores"], g["parents"], tree.tokens)
