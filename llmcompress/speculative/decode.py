@@ -194,6 +194,13 @@ def cut_at_eos(seq: torch.Tensor, new: list[int], eos_token_id: int | None) -> t
     return seq, False
 
 
+def finish(seq: torch.Tensor, prompt_len: int, end: int, stats: DecodeStats) -> tuple[torch.Tensor, DecodeStats]:
+    """A decoder's result: `seq` [1, L] cut to `end` tokens (a round may overshoot), its new tokens counted."""
+    seq = seq[:, :end]
+    stats.new_tokens = seq.shape[1] - prompt_len
+    return seq, stats
+
+
 # ----------------------------------------------------------------------------- caches
 def cache_len(cache: DynamicCache) -> int:
     return cache.get_seq_length() if len(cache.layers) else 0
@@ -303,9 +310,7 @@ def speculative_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int,
         seq, stop = cut_at_eos(seq, new, eos_token_id)
         if stop:
             break
-    seq = seq[:, :end]
-    stats.new_tokens = seq.shape[1] - prompt.shape[1]
-    return seq, stats
+    return finish(seq, prompt.shape[1], end, stats)
 
 
 @torch.no_grad()
@@ -339,5 +344,6 @@ def _check_prompt(prompt: torch.Tensor) -> None:
         raise ValueError(f"prompt must be one non-empty sequence of shape [1, P], got {tuple(prompt.shape)}")
 
 
-__all__ = ["DecodeStats", "cut_at_eos", "hf_assisted_decode", "hf_prompt_lookup_decode", "keep_drafting", "look_up",
-           "probs", "residual", "rollback", "sample", "speculative_decode", "target_decode", "verify", "verify_round"]
+__all__ = ["DecodeStats", "cut_at_eos", "finish", "hf_assisted_decode", "hf_prompt_lookup_decode", "keep_drafting",
+           "look_up", "probs", "residual", "rollback", "sample", "speculative_decode", "target_decode", "verify",
+           "verify_round"]

@@ -281,13 +281,16 @@ def _evaluate(target, draft, prompts: list[torch.Tensor], cfg: SpecEvalConfig,
                         f"in the sequence proposes the up to {cfg.lookup.tokens} tokens that followed the latest "
                         "occurrence instead (prompt lookup; alpha, c and kept by position are the draft model's "
                         "rounds alone, tau counts every round)" if cfg.lookup else "")
-                     + (f"; tree verification: each round the draft grows a tree gamma levels deep (the "
-                        f"{cfg.tree.topk} best children of the {cfg.tree.topk} best-scored nodes per level), the target verifies its "
-                        f"{cfg.tree.tokens} best-scored nodes in one tree-masked pass (alpha: the draft's top-1 "
-                        "agreement at the root and the accepted path's expanded nodes; "
-                        + (f"the tree stops growing once no frontier path's draft probability reaches {cfg.tree.stop}; "
-                           if cfg.tree.stop else "") + "predicted speed-up = tau / (gamma c + 1))" if cfg.tree else "")),
+                     + (_tree_protocol(cfg.tree) if cfg.tree else "")),
     }
+
+
+def _tree_protocol(tree: TreeConfig) -> str:
+    return (f"; tree verification: each round the draft grows a tree gamma levels deep (the {tree.topk} best children "
+            f"of the {tree.topk} best-scored nodes per level), the target verifies its {tree.tokens} best-scored nodes "
+            "in one tree-masked pass (alpha: the draft's top-1 agreement at the root and the accepted path's expanded "
+            "nodes; " + (f"the tree stops growing once no frontier path's draft probability reaches {tree.stop}; "
+                         if tree.stop else "") + "predicted speed-up = tau / (gamma c + 1))")
 
 
 def evaluate_draft(target, draft_spec: str | None, corpus, cfg: SpecEvalConfig,

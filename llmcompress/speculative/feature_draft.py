@@ -36,8 +36,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from llmcompress.models.modeling_llmcompress import head_linear
-from llmcompress.speculative.decode import (DecodeStats, _check_prompt, _vocab, cut_at_eos, keep_drafting, look_up,
-                                            probs, rollback, sample, verify_round)
+from llmcompress.speculative.decode import (DecodeStats, _check_prompt, _vocab, cut_at_eos, finish, keep_drafting,
+                                            look_up, probs, rollback, sample, verify_round)
 from llmcompress.speculative import divergences
 from llmcompress.speculative.divergences import DivergenceSpec
 from llmcompress.speculative.lookup import LookupConfig
@@ -261,9 +261,7 @@ def feature_speculative_decode(target, draft: FeatureDraft, prompt: torch.Tensor
         seq, stop = cut_at_eos(seq, new, eos_token_id)
         if stop:
             break
-    seq = seq[:, :end]
-    stats.new_tokens = seq.shape[1] - prompt.shape[1]
-    return seq, stats
+    return finish(seq, prompt.shape[1], end, stats)
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache
 
-from llmcompress.speculative.decode import DecodeStats, _check_prompt, _vocab, cache_len, cut_at_eos, look_up, rollback
+from llmcompress.speculative.decode import (DecodeStats, _check_prompt, _vocab, cache_len, cut_at_eos, finish, look_up,
+                                            rollback)
 from llmcompress.speculative.lookup import LookupConfig
 
 
@@ -239,9 +240,7 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
         seq, stop = cut_at_eos(seq, new, eos_token_id)
         if stop:
             break
-    seq = seq[:, :end]
-    stats.new_tokens = seq.shape[1] - prompt.shape[1]
-    return seq, stats
+    return finish(seq, prompt.shape[1], end, stats)
 
 
 def _count(stats: DecodeStats, argmax: list[int], draft_logits: dict, path: list[int], n_nodes: int, deepest: int,
