@@ -53,7 +53,8 @@ def train_one(args, spec: str, target, start, train: torch.Tensor, prompts: list
                         checkpoint_every=every, freeze_embeddings=True)
     draft = copy.deepcopy(start).to(device)
     t0 = time.perf_counter()
-    rep = train_draft(target, draft, train, prompts[:4], cfg, work / spec.replace("/", "_").replace(":", "-"))
+    rep = train_draft(target, draft, train, prompts[:4], cfg, work / spec.replace("/", "_").replace(":", "-"),
+                      targets_cache=work / "offline-targets")  # one set of target data for every divergence
     seconds = time.perf_counter() - t0
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     training = {"config": cfg.model_dump(), "steps": rep["steps"], "tokens": rep["tokens"], "seconds": seconds,

@@ -23,6 +23,7 @@ speculative decoding on held-out prompts logs alpha and tau: the report shows ac
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -164,10 +165,12 @@ class _Identity(torch.nn.Module):
 
 
 def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.Tensor], cfg: DistillConfig,
-                out: Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+                out: Path | None = None, progress: Callable[[str, int, int], None] | None = None,
+                targets_cache: Path | None = None) -> dict:
     """Distil `draft` towards `target` in place. windows: [N, S] training tokens: prompts are their first
     `prompt_tokens`, fixed continuations the next `new_tokens` (S >= prompt_tokens, plus new_tokens for
-    fixed/mixture data). -> report."""
+    fixed/mixture data). Offline runs keep the target's sequences and log-probs in `targets_cache` (default
+    `out`), so a resumed run, or another divergence over the same data, does not make them again. -> report."""
     # generated continuations only need the prompts; fixed text needs prompt + continuation
     seq_len = cfg.prompt_tokens + (cfg.new_tokens if cfg.data in ("fixed", "mixture") else 0)
     if windows.shape[1] < seq_len:
@@ -179,6 +182,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
     target.eval().requires_grad_(False)
     dt, tt = draft.config.hidden_size, target.config.hidden_size
     proj = (torch.nn.Linear(dt, tt, bias=False) if dt != tt else _Identity()).to(device)
+    draft.requires_grad_(True)  # a draft copied from a target that an earlier run froze would train nothing
     if cfg.freeze_embeddings:
         draft.get_input_embeddings().requires_grad_(False)
         draft.get_output_embeddings().requires_grad_(False)
@@ -191,7 +195,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         state = _load_checkpoint(ckpt, cfg, draft, proj, opt)
     offline = None
     if not cfg.online:
-        windows, offline = _offline_targets(target, windows, cfg)
+        windows, offline = _offline_targets(target, windows, cfg, targets_cache or out)
     if not state["evals"]:
         state["evals"].append(_eval(target, draft, eval_prompts, cfg, state))
 
@@ -211,7 +215,7 @@ def train_draft(target, draft, windows: torch.Tensor, eval_prompts: list[torch.T
         idx = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed + step))[: cfg.batch_size]
         source = batch_source(cfg, step)
         prompts = windows[idx, : cfg.prompt_tokens].to(device)
-        if source == "fixed":
+        if source == "fixed" or offline is not None:  # offline: windows are the sequences its log-probs belong to
             seqs = windows[idx].to(device)
         elif source == "target" and cfg.gen_temperature == 0:  # deterministic: generate each prompt once
             todo = [i for i in idx.tolist() if i not in greedy_pool]
@@ -383,16 +387,35 @@ def _mean_loss(rows: list[dict]) -> float | None:
 
 
 @torch.no_grad()
-def _offline_targets(target, windows: torch.Tensor, cfg: DistillConfig):
-    """The training sequences and the top-k target log-probs at every position. -> ([N, S], ([N, S, k], [N, S, k]))"""
+def _offline_targets(target, windows: torch.Tensor, cfg: DistillConfig, cache: Path | None = None):
+    """The training sequences and the top-k target log-probs at every position, read from or written to `cache`
+    (a file named by what they depend on). -> ([N, S], ([N, S, k], [N, S, k]))"""
+    path = None
+    if cache is not None:
+        ident = {k: getattr(cfg, k) for k in ("data", "gen_temperature", "seed", "prompt_tokens", "new_tokens",
+                                              "offline_topk", "batch_size", "gen_batch_size")}
+        h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
+        h.update(windows.cpu().contiguous().numpy().tobytes())
+        h.update(json.dumps(target.config.to_dict(), sort_keys=True, default=str).encode())
+        h.update(target.get_input_embeddings().weight[:64].detach().float().cpu().numpy().tobytes())
+        path = Path(cache) / f"offline-targets-{h.hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            t = load_file(str(path))
+            return t["sequences"], (t["values"], t["indices"])
     device = next(target.parameters()).device
     seqs = windows
     if cfg.data == "target":  # one target-generated continuation per window, fixed for the whole run
         seqs = torch.cat([generate(target, w[:, : cfg.prompt_tokens].to(device), cfg.new_tokens,
                                    cfg.gen_temperature, cfg.seed + i).cpu()
-                          for i, w in enumerate(windows.split(cfg.batch_size))])
+                          for i, w in enumerate(windows.split(cfg.gen_batch_size or cfg.batch_size))])
     vals, ids = zip(*(topk_logprobs(target(b.to(device)).logits, cfg.offline_topk) for b in seqs.split(cfg.batch_size)))
-    return seqs, (torch.cat(vals).cpu(), torch.cat(ids).cpu())
+    vals, ids = torch.cat(vals).cpu(), torch.cat(ids).cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"sequences": seqs.contiguous(), "values": vals.contiguous(), "indices": ids.contiguous()}, str(tmp))
+        tmp.rename(path)
+    return seqs, (vals, ids)
 
 
 @torch.no_grad()

@@ -151,3 +151,38 @@ def test_sampled_target_pool_makes_fresh_sequences_in_full_calls(monkeypatch):
     calls.clear()
     train_draft(target, draft, windows, prompts, cfg.model_copy(update={"gen_batch_size": None}))
     assert [len(c) for c in calls] == [4] * 6  # without a pool size: one call per step, the batch's prompts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_offline_targets_are_made_once_and_shared(tmp_path, monkeypatch, temperature):
+    import llmcompress.speculative.train as train
+
+    target, draft, windows, prompts = _setup()
+    calls, real = [], train.generate
+
+    def counting(model, p, *a, **kw):
+        calls.append(len(p))
+        return real(model, p, *a, **kw)
+
+    monkeypatch.setattr(train, "generate", counting)
+    cfg = _cfg(data="target", gen_temperature=temperature, online=False, divergence="fkl", steps=2, eval_every=100,
+               gen_batch_size=16)
+    first = train_draft(target, draft, windows, prompts, cfg, targets_cache=tmp_path)
+    assert calls == [16]  # every window's continuation in one gen_batch_size call, and trained on as made
+    assert len(list(tmp_path.glob("offline-targets-*.safetensors"))) == 1
+    other = micro_model(layers=1, seed=1, hidden=16)
+    again = train_draft(target, other, windows, prompts, cfg.model_copy(update={"divergence": "rkl"}),
+                        targets_cache=tmp_path)
+    assert calls == [16]  # another divergence over the same data: read back, not made again
+    assert torch.equal(first["continuation_counts"], again["continuation_counts"])  # the same sequences
+    train_draft(target, micro_model(layers=1, seed=1, hidden=16), windows[:8], prompts, cfg, targets_cache=tmp_path)
+    assert calls == [16, 8]  # other windows: made anew, in a file of their own
+    assert len(list(tmp_path.glob("offline-targets-*.safetensors"))) == 2
+
+
+def test_a_frozen_draft_is_trained(tmp_path):
+    target, draft, windows, prompts = _setup()
+    draft.requires_grad_(False)  # e.g. copied from a target that an earlier training run froze
+    before = [p.clone() for p in draft.model.layers.parameters()]
+    train_draft(target, draft, windows, prompts, _cfg(steps=2, eval_every=100))
+    assert any(not torch.equal(a, b) for a, b in zip(before, draft.model.layers.parameters()))
