@@ -2,7 +2,8 @@
 
 Held-out prompts: chat instructions "Summarise: <document>" built from the last 200 rows of
 ../shared/data/calib_wikihow.jsonl (each cut to exactly --prompt-tokens tokens), greedy, --new-tokens new tokens,
-batch 1. Training prompts: the same instruction over the first 800 rows. The undistilled initial draft (--init)
+batch 1. Training prompts: the same instruction over the first 800 rows; fixed data (and the prompts of mixture's
+on-policy batches): windows of those rows' own text, --train-prompts of them. The undistilled initial draft (--init)
 is compared with drafts distilled under each --config (divergence/data/online-or-offline) from the same start and
 with the same step budget. Per draft and gamma: alpha, tau, cost ratio c, predicted and measured wall-clock
 speed-up over target-only greedy decoding, and whether the output is identical to the target's.
@@ -41,6 +42,8 @@ def train_one(args, spec: str, target, start, train: torch.Tensor, prompts: list
     from llmcompress.speculative.train import DistillConfig, train_draft
 
     div, data, mode = spec.split("/")
+    if data in ("fixed", "mixture"):  # the corpus text is the fixed data; its first tokens prompt on-policy batches
+        train = fixed_windows(args, target.tokenizer, len(train))
     device = next(target.parameters()).device
     steps = None if args.train_seconds and not args.steps else args.steps
     every = args.eval_every or max((steps or 400) // 4, 1)
@@ -124,11 +127,17 @@ def training_line(args, results: list[dict]) -> str:
     if c.get("seconds"):
         budget += f" in a {c['seconds'] / 60:.0f}-minute wall-clock budget"
     where = t.get("device", "cpu")
+    p, n = c["prompt_tokens"], c["new_tokens"]
+    data = {"target": ("target data = the target's greedy continuations" if not c.get("gen_temperature") else
+                       f"target data = continuations sampled from the target at temperature {c['gen_temperature']:g}"
+                       f", fresh pools of {c.get('gen_batch_size') or c['batch_size']}, each sequence used once"),
+            "on-policy": "on-policy data = continuations sampled from the draft as it trains (temperature 1)",
+            "fixed": f"fixed data = windows of {p + n} tokens of the first 800 rows' text (the last {n} trained on)",
+            "mixture": f"mixture = on-policy with probability {c['mixture']:g} per batch, fixed otherwise (the "
+                       f"on-policy prompts: the windows' first {p} tokens)"}
+    used = [data[k] for k in data if any(x["config"]["data"] == k for x in trained)]
     return (f"- training: lr {c['lr']}, {budget}, {t.get('train_prompts', '?')} training prompts of "
-            f"{c['prompt_tokens']} tokens + {c['new_tokens']} continuation tokens, embeddings/LM head frozen; "
-            + ("target data = the target's greedy continuations" if not c.get("gen_temperature") else
-               f"target data = continuations sampled from the target at temperature {c['gen_temperature']:g}, "
-               f"fresh pools of {c.get('gen_batch_size') or c['batch_size']}, each sequence used once")
+            f"{p} tokens + {n} continuation tokens, embeddings/LM head frozen; " + "; ".join(used)
             + " (offline: top-64 log-probs cached once; online: "
             f"target inside each step); trained on {where}"
             + (", TF32 matmuls, the trained tensors brought here in float16" if where != "cpu" else ""))
@@ -138,6 +147,14 @@ def data_rows() -> list[str]:
     """The texts of calib_wikihow.jsonl ($LLMCOMPRESS_DATA or ../shared/data)."""
     data_file = Path(os.environ.get("LLMCOMPRESS_DATA", ROOT.parent / "shared" / "data")) / "calib_wikihow.jsonl"
     return [json.loads(line)["text"] for line in open(data_file)]
+
+
+def fixed_windows(args, tok, n: int | None) -> torch.Tensor:
+    """Non-overlapping windows of --prompt-tokens + --train-new-tokens tokens of the first 800 rows' text (shuffled
+    with seed 0), n of them (None: all): the fixed data source. -> [N, S]"""
+    from llmcompress.data import pack, token_stream
+
+    return pack(token_stream(tok, data_rows()[:800]), args.prompt_tokens + args.train_new_tokens, n, seed=0)
 
 
 def prompt_sets(args, tok):

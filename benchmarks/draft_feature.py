@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, git_commit, machine, write_results  # noqa: E402
-from draft import data_rows, measurer, prompt_sets, results_table  # noqa: E402
+from draft import data_rows, fixed_windows, measurer, prompt_sets, results_table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -62,16 +62,6 @@ def train_copy(args, target, start, seqs, feats, acceptance, work: Path, data_s:
     dev_name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
     return draft, rep | {"seconds_this_run": time.perf_counter() - t0, "data_seconds": data_s,
                          "train_sequences": len(seqs), "device": dev_name, "init_draft": args.init_draft}
-
-
-def fixed_windows(args, tok) -> torch.Tensor:
-    """Non-overlapping windows of --prompt-tokens + --train-new-tokens tokens of the first 800 rows' text (shuffled
-    with seed 0), --fixed-windows of them (-1: all). -> [N, S]"""
-    from llmcompress.data import pack, token_stream
-
-    stream = token_stream(tok, data_rows()[:800])  # [T]
-    n = None if args.fixed_windows < 0 else args.fixed_windows
-    return pack(stream, args.prompt_tokens + args.train_new_tokens, n, seed=0)
 
 
 def later_pieces(args, tok, train: torch.Tensor, piece: int, n: int) -> torch.Tensor:
@@ -231,7 +221,7 @@ def main(argv=None) -> int:
                                                    f"-piece{piece}", args.chunk)
             seqs, feats, n_second = torch.cat([seqs, eseqs]), torch.cat([feats, efeats]), n_second + len(eseqs)
         if args.fixed_windows:
-            fixed = fixed_windows(args, tok)
+            fixed = fixed_windows(args, tok, None if args.fixed_windows < 0 else args.fixed_windows)
             fseqs, ffeats = cache_target_sequences(target, fixed, 0, work / f"fixed-{fixed.shape[1]}", args.chunk)
             seqs, feats, n_fixed = torch.cat([seqs, fseqs]), torch.cat([feats, ffeats]), len(fseqs)
         data_s = time.perf_counter() - t0
