@@ -17,7 +17,8 @@ about 1.4). So each round the draft grows a tree instead of a chain:
 The output is the target's greedy output token for token (each kept token is the target's argmax after the
 tokens before it). The target's KV cache then keeps the root and the accepted path's entries only; the
 draft's cache, as in the chain decoder, keeps the entries built from true features. A prompt-lookup proposal
-(`lookup.py`) joins the tree as one more chain from the root, sharing the nodes it agrees with.
+(`lookup.py`) joins the tree as one more chain from the root, sharing the nodes it agrees with; it counts in
+the `tokens` budget (kept whole, the tree's best nodes fill the rest).
 
 Sampling with a tree needs multi-draft rejection (SpecInfer); only greedy is offered here.
 """
@@ -41,8 +42,8 @@ class TreeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     topk: int = Field(4, ge=1, le=32, description="children proposed per expanded node, and nodes expanded per depth")
-    tokens: int = Field(8, ge=1, le=256, description="draft tokens the target verifies per round (the best-scored "
-                        "subtree; on a CPU the verifying pass grows dearer beyond about 8)")
+    tokens: int = Field(8, ge=1, le=256, description="draft tokens the target verifies per round: the best-scored "
+                        "subtree and a looked-up chain, if any (on a CPU the verifying pass grows dearer beyond about 8)")
     stop: float = Field(0.0, ge=0, lt=1, description="stop growing the tree once no frontier node's path probability "
                         "under the draft reaches this (0: always the full depth)")
 
@@ -93,6 +94,21 @@ def merge_chain(tokens: list[int], parents: list[int], chain: list[int]) -> list
         path.append(nxt)
         cur = nxt
     return path
+
+
+def subtree_with_chain(tokens: list[int], parents: list[int], scores: list[float], chain: list[int], n: int
+                       ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The draft tree cut to its best-scored subtree with `chain` (a looked-up proposal, cut to n tokens) merged in,
+    n nodes in all at most: the chain is kept whole and the tree's best nodes fill the rest of the budget.
+    -> (kept tree nodes, the merged tree's tokens and parents, the chain's node indices)"""
+    chain = chain[:n]
+    for budget in range(n, -1, -1):  # the chain shares some nodes with the tree: the largest subtree that fits
+        keep = select_subtree(scores, parents, budget)
+        toks, pars = [tokens[i] for i in keep], reindex(keep, parents)
+        nodes = merge_chain(toks, pars, chain)
+        if len(toks) <= n:
+            return keep, toks, pars, nodes
+    raise AssertionError("unreachable: the chain alone has at most n nodes")
 
 
 def greedy_walk(tokens: list[int], parents: list[int], argmax: list[int]) -> tuple[list[int], int]:
@@ -221,11 +237,9 @@ def feature_tree_decode(target, draft, prompt: torch.Tensor, max_new_tokens: int
     while decoding(seq, prompt.shape[1], end, eos_token_id):
         n = seq.shape[1] - 1  # index of the last token (the root); feats covers 0..n-1, tcache holds n entries
         g = draft_tree(draft, feats[fed:n][None], seq[:, fed + 1:n + 1], dcache, depth, tree.topk, tree.stop)
-        keep = select_subtree(g["scores"], g["parents"], tree.tokens)
-        tokens, parents = [g["tokens"][i] for i in keep], reindex(keep, g["parents"])
+        looked, _ = look_up(history, lookup, min(end - seq.shape[1], tree.tokens), _vocab(target), seq.device, 0.0)
+        keep, tokens, parents, chain = subtree_with_chain(g["tokens"], g["parents"], g["scores"], looked, tree.tokens)
         logits = {j: g["logits"][i] for j, i in enumerate(keep) if i in g["logits"]} | {-1: g["logits"][-1]}
-        looked, _ = look_up(history, lookup, end - seq.shape[1], _vocab(target), seq.device, 0.0)
-        chain = merge_chain(tokens, parents, looked) if looked else []
         fv, pl = target_tree_pass(target, int(seq[0, -1]), tokens, parents, tcache)  # [1 + N, D], [1 + N, V]
         argmax = pl.argmax(-1).tolist()
         path, nxt = greedy_walk(tokens, parents, argmax)
@@ -269,4 +283,4 @@ def _count(stats: DecodeStats, argmax: list[int], draft_logits: dict, path: list
 
 
 __all__ = ["TreeConfig", "ancestor_mask", "draft_tree", "feature_tree_decode", "greedy_walk", "keep_entries",
-           "merge_chain", "reindex", "select_subtree"]
+           "merge_chain", "reindex", "select_subtree", "subtree_with_chain"]

@@ -16,7 +16,7 @@ from llmcompress.speculative.feature_draft import FeatureDraft, feature_speculat
 from llmcompress.speculative.lookup import LookupConfig
 from llmcompress.speculative.tree import (TreeConfig, ancestor_mask, depths, draft_tree, feature_tree_decode,
                                           greedy_walk, keep_entries, merge_chain, reindex, select_subtree,
-                                          target_tree_pass)
+                                          subtree_with_chain, target_tree_pass)
 
 #        root
 #       /    \
@@ -57,6 +57,19 @@ def test_greedy_walk_follows_the_target_argmax():
     assert greedy_walk(TOKENS, PARENTS, [8, 0, 5, 0, 0, 0, 0]) == ([1], 5)  # node 1's only child is 9, not 5
     assert greedy_walk(TOKENS, PARENTS, [3, 0, 0, 0, 0, 0, 0]) == ([], 3)  # no child of the root: a plain step
     assert greedy_walk([], [], [4]) == ([], 4)
+
+
+def test_subtree_with_chain_keeps_the_chain_within_the_budget():
+    tokens, parents = [7, 8, 9, 5, 6], [-1, -1, 0, 1, 2]  # 7 -> 9 -> 6, 8 -> 5
+    scores = [-0.1, -0.5, -0.3, -2.0, -0.6]
+    keep, toks, pars, nodes = subtree_with_chain(tokens, parents, scores, [7, 9, 1, 2], 4)  # shares 7 -> 9
+    assert keep == [0, 2] and toks == [7, 9, 1, 2] and pars == [-1, 0, 1, 2] and nodes == [0, 1, 2, 3]
+    keep, toks, pars, nodes = subtree_with_chain(tokens, parents, scores, [7, 9, 1, 2], 5)
+    assert keep == [0, 1, 2] and toks == [7, 8, 9, 1, 2] and pars == [-1, -1, 0, 2, 3] and nodes == [0, 2, 3, 4]
+    keep, toks, _, nodes = subtree_with_chain(tokens, parents, scores, [3, 4, 5], 2)  # a chain over budget is cut
+    assert keep == [] and toks == [3, 4] and nodes == [0, 1]
+    keep, toks, _, nodes = subtree_with_chain(tokens, parents, scores, [], 3)
+    assert keep == select_subtree(scores, parents, 3) == [0, 1, 2] and toks == [7, 8, 9] and nodes == []
 
 
 def test_merge_chain_shares_the_nodes_it_agrees_with():
@@ -186,6 +199,7 @@ def test_tree_with_lookup_equals_target_greedy(tiny_target):
                                          lookup=LookupConfig(max_ngram=3, min_ngram=1, tokens=5))
         assert torch.equal(out, ref), ids
         assert stats.lookup_accepted <= stats.lookup_proposed and stats.looked_up_per_call.count(True) == 0
+        assert stats.drafted <= 4 * stats.target_calls  # the looked-up chain counts in the 4 verified tokens
         looked, kept = looked + stats.lookup_rounds, kept + stats.lookup_accepted
     assert looked > 0 and kept > 0
 
