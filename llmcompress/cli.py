@@ -155,7 +155,7 @@ def eval_cmd(
                                                 "this many children per expanded node, verified in one target pass "
                                                 "(greedy; 0: a chain)")] = 0,
     tree_tokens: Annotated[int, typer.Option(help="--tree-topk: draft tokens the target verifies per round (the "
-                                                  "best-scored subtree)")] = 8,
+                                                  "best-scored subtree, with --lookup's chain)")] = 8,
     tree_stop: Annotated[float, typer.Option(help="--tree-topk: stop growing the tree once no frontier path's draft "
                                                   "probability reaches this (0: the full gamma levels)")] = 0.0,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
