@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_commit, machine, write_results  # noqa: E402
+from _common import git_commit, machine, publish  # noqa: E402
 from draft import prompt_sets  # noqa: E402
 
 import torch  # noqa: E402
@@ -63,11 +63,7 @@ def main(argv=None) -> int:
         first = r["first_answer"].replace("\n", " ").replace("|", "/")
         lines.append(f"| {r['target']} | {' / '.join(f'{x:.2f}' for x in d)} | {sum(d) / len(d):.2f} | {first} |")
     lines += ["", "- reproduce: `python benchmarks/target_repetition.py " + " ".join(argv or sys.argv[1:]) + "`"]
-    md = "\n".join(lines) + "\n"
-    js, mdp = write_results(args.name, report, md)
-    print(md)
-    print(f"written {js} and {mdp}")
-    return 0
+    return publish(args.name, report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
